@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` and `make test`. Both set up the venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+.PHONY: setup test demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python run.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,38 @@
+"""Test set-up shared by every test module.
+
+Eight fake CPU devices (for sharding tests) and jax's persistent compilation cache must be configured before jax
+initialises its backends, so this happens at import time, before any test module imports jax.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+  """`../shared` beside the checkout; tests that need it are skipped when it is absent."""
+  if not SHARED.is_dir():
+    pytest.skip("../shared is not present")
+  return SHARED
+
+
+@pytest.fixture(scope="session")
+def tianchi_dir(shared_dir) -> pathlib.Path:
+  """The 150 real Tianchi studies (research use only: read in place, never copied)."""
+  path = shared_dir / "data" / "tianchi"
+  if not (path / "lumbar_train150_annotation.json").is_file():
+    pytest.skip("../shared/data/tianchi is not present")
+  return path
