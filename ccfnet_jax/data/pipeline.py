@@ -1,0 +1,245 @@
+"""Host input pipeline: Grain over a random-access source of study records -> fixed-size batches -> global arrays.
+
+Source: anything with `__len__` and `__getitem__` returning a study record (`ccfnet_jax.data.records`: a
+`tfds.data_source` of the `lumbar_spine` builder, or a plain list of dicts in tests): `image` uint16 `[H, W, 3]`,
+`pixel_spacing_mm [2]` (row, col), `points_xy [11, 2]` native px, `point_valid [11]`, `disease [11]`, ...
+
+Each record is stretched (not letterboxed) to `image_size` x `image_size` on the host: uint16 -> float32 in [0, 1]
+(/ 65535), resized per channel with PIL's bilinear filter (which widens its support when shrinking, so downsizing is
+antialiased; it uses the same continuous pixel convention as SPEC §5: pixel i covers [i, i + 1)). Points are scaled
+with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
+
+Batch contract (host numpy; `to_global` makes them global jax arrays sharded on the mesh's "data" axis):
+  image float32 `[B, S, S, 3]` in [0, 1]; points_xy float32 `[B, 11, 2]` input px; points_xy_native float32
+  `[B, 11, 2]`; native_hw int32 `[B, 2]`; pixel_spacing_mm float32 `[B, 2]`; point_valid bool `[B, 11]`;
+  disease int32 `[B, 11]`; example_valid bool `[B]` (False for evaluation padding); record_index int32 `[B]` (index
+  of the record in the source, -1 for padding: look up `study_uid` etc. there).
+
+Batch sizes given here are GLOBAL: each of the `process_count` hosts reads `batch_size / process_count` examples
+from its own interleaved shard (`source[process_index::process_count]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from ccfnet_jax import coords, objects
+from ccfnet_jax.data import records
+
+Record = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+BATCH_KEYS: tuple[str, ...] = ("image", "points_xy", "points_xy_native", "native_hw", "pixel_spacing_mm",
+                               "point_valid", "disease", "example_valid", "record_index")
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One record -> one example.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _describe(record: Record, index: int) -> str:
+  uid = record.get("study_uid", "?") if isinstance(record, dict) else "?"
+  if isinstance(uid, bytes):
+    uid = uid.decode("utf-8", "replace")
+  return f"record {index} (study_uid {uid})"
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint16 `[H, W, C]` -> float32 `[size, size, C]` in [0, 1], stretched with a bilinear (antialiased) filter."""
+  scaled = image.astype(np.float32) * np.float32(1.0 / 65535.0)
+  if scaled.shape[:2] == (size, size):
+    return scaled
+  out = np.empty((size, size, scaled.shape[-1]), np.float32)
+  for c in range(scaled.shape[-1]):
+    # The filter's weights are non-negative and sum to 1, so the result stays in [0, 1] (no clip needed).
+    out[..., c] = np.asarray(Image.fromarray(np.ascontiguousarray(scaled[..., c])).resize((size, size),
+                                                                                            Image.BILINEAR))
+  return out
+
+
+def to_example(record: Record, image_size: int, index: int = -1) -> Batch:
+  """Validates one record (`records.validate_record`) and converts it to one example of the batch contract.
+
+  Raises:
+    StudyError: naming the record index, its study_uid and what is wrong.
+  """
+  if not isinstance(record, dict):
+    raise TypeError(f"record {index}: expected a dict of arrays, got {type(record).__name__}")
+  record = records.validate_record(record, study=_describe(record, index))
+  image = record["image"]
+  native_hw = np.asarray(image.shape[:2], np.int32)
+  return {
+      "image": resize_image(image, image_size),
+      "points_xy": coords.scale_points(record["points_xy"], native_hw, (image_size, image_size)).astype(np.float32),
+      "points_xy_native": record["points_xy"],
+      "native_hw": native_hw,
+      "pixel_spacing_mm": record["pixel_spacing_mm"],
+      "point_valid": record["point_valid"],
+      "disease": record["disease"],
+      "example_valid": np.bool_(True),
+      "record_index": np.int32(index),
+  }
+
+
+def padding_example(image_size: int) -> Batch:
+  """An all-zero example with `example_valid=False`, disease -1 and `record_index=-1` (fills the last eval batch)."""
+  n = objects.NUM_OBJECTS
+  return {
+      "image": np.zeros((image_size, image_size, 3), np.float32),
+      "points_xy": np.zeros((n, 2), np.float32),
+      "points_xy_native": np.zeros((n, 2), np.float32),
+      "native_hw": np.asarray([image_size, image_size], np.int32),
+      "pixel_spacing_mm": np.ones((2,), np.float32),
+      "point_valid": np.zeros((n,), bool),
+      "disease": np.full((n,), objects.UNKNOWN, np.int32),
+      "example_valid": np.bool_(False),
+      "record_index": np.int32(-1),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadExample(grain.transforms.Map):
+  """Reads source[index] and converts it (a picklable transform, so worker processes can run it)."""
+
+  source: Sequence[Record]
+  image_size: int
+
+  def map(self, index):
+    index = int(index)
+    if index < 0:
+      return padding_example(self.image_size)
+    return to_example(self.source[index], self.image_size, index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets and iterators.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """Host-side performance knobs (they never change the data or its order).
+
+  num_threads: threads reading batches in each process; prefetch: batches read ahead per process;
+  worker_count: extra worker processes (Grain `mp_prefetch`; 0 = read in this process).
+  """
+
+  num_threads: int = 2
+  prefetch: int = 4
+  worker_count: int = 0
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} must be in [0, process_count={count})")
+  return index, count
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+  """The per-host share of a global batch; the global size must divide evenly among the hosts."""
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"global batch_size {batch_size} must be a positive multiple of process_count {process_count}")
+  return batch_size // process_count
+
+
+def _indices(source: Sequence[Record], process_index: int, process_count: int) -> grain.MapDataset:
+  """This host's interleaved shard of the source's indices."""
+  if len(source) == 0:
+    raise ValueError("the data source is empty")
+  return grain.MapDataset.range(len(source))[process_index::process_count]
+
+
+def _finish(ds: grain.MapDataset, options: PipelineOptions) -> grain.IterDataset:
+  read = grain.ReadOptions(num_threads=options.num_threads, prefetch_buffer_size=max(options.prefetch,
+                                                                                     options.num_threads))
+  it = ds.to_iter_dataset(read)
+  if options.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags; outside app.run nobody parsed them.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+  return it
+
+
+def train_dataset(source: Sequence[Record], *, batch_size: int, image_size: int, seed: int,
+                  options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """Infinite training batches: this host's shard, reshuffled every epoch from `seed`, full batches only.
+
+  `batch_size` is global. Iterate with `iter(...)`; the iterator's `get_state()` / `set_state(state)` checkpoint
+  the position (the training loop saves it with Orbax; resuming from it gives the same following batches).
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local = local_batch_size(batch_size, process_count)
+  indices = _indices(source, process_index, process_count)
+  if len(indices) < local:
+    raise ValueError(f"host {process_index} has {len(indices)} examples, fewer than one batch of {local}")
+  ds = indices.shuffle(seed=seed).repeat(None).map(_LoadExample(source, image_size))
+  return _finish(ds.batch(local, drop_remainder=True), options)
+
+
+def eval_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
+                 options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """One pass over this host's shard in source order; the last batch is padded with `example_valid=False`.
+
+  Every host yields the same number of batches (hosts with a shorter shard pad more), as global arrays need.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local = local_batch_size(batch_size, process_count)
+  indices = _indices(source, process_index, process_count)
+  longest_shard = math.ceil(len(source) / process_count)
+  padded = math.ceil(longest_shard / local) * local
+  shard = [int(i) for i in indices]
+  all_indices = shard + [-1] * (padded - len(shard))
+  ds = grain.MapDataset.source(all_indices).map(_LoadExample(source, image_size))
+  return _finish(ds.batch(local, drop_remainder=False), options)
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+  """Batches of one evaluation pass over `num_examples` with global `batch_size` (any process count)."""
+  return math.ceil(num_examples / batch_size) if batch_size else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host batches -> global device arrays.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def data_sharding(mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """A mesh becomes `NamedSharding(mesh, P("data"))` (leading axis split over "data", replicated elsewhere)."""
+  if isinstance(mesh_or_sharding, jax.sharding.Mesh):
+    if DATA_AXIS not in mesh_or_sharding.axis_names:
+      raise ValueError(f"the mesh has no {DATA_AXIS!r} axis (axes: {mesh_or_sharding.axis_names})")
+    return jax.sharding.NamedSharding(mesh_or_sharding, jax.sharding.PartitionSpec(DATA_AXIS))
+  return mesh_or_sharding
+
+
+def to_global(batch: Batch, mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """Places this host's batch as global jax arrays sharded along the leading (batch) axis.
+
+  Works on one device, on fake CPU devices and across hosts (global batch = local batch * process_count).
+  """
+  sharding = data_sharding(mesh_or_sharding)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind not in "biuf":
+      raise TypeError(f"to_global: batch[{key!r}] has dtype {value.dtype}; only numeric arrays go to devices")
+    try:
+      out[key] = jax.make_array_from_process_local_data(sharding, value)
+    except ValueError as e:
+      raise ValueError(f"to_global: cannot shard batch[{key!r}] of shape {value.shape} with {sharding}: {e}") from e
+  return out
