@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from ccfnet_jax import coords, objects
+from ccfnet_jax import coords, objects, parallel
 from ccfnet_jax.data import records
 
 Record = dict[str, Any]
@@ -40,7 +40,7 @@ Batch = dict[str, np.ndarray]
 
 BATCH_KEYS: tuple[str, ...] = ("image", "points_xy", "points_xy_native", "native_hw", "pixel_spacing_mm",
                                "point_valid", "disease", "example_valid", "record_index")
-DATA_AXIS = "data"
+DATA_AXIS = parallel.DATA_AXIS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def data_sharding(mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding) -
   if isinstance(mesh_or_sharding, jax.sharding.Mesh):
     if DATA_AXIS not in mesh_or_sharding.axis_names:
       raise ValueError(f"the mesh has no {DATA_AXIS!r} axis (axes: {mesh_or_sharding.axis_names})")
-    return jax.sharding.NamedSharding(mesh_or_sharding, jax.sharding.PartitionSpec(DATA_AXIS))
+    return parallel.data_sharding(mesh_or_sharding)
   return mesh_or_sharding
 
 

@@ -1,0 +1,169 @@
+"""Test helpers for the training tests: a tiny stand-in model, small configs, fake batches, and a `run.py` entry
+that registers the tiny model (so subprocess tests train in seconds instead of compiling ResNet18 for a minute).
+
+Run as a script: `python tests/tiny_training.py --config=configs/default.py ... --workdir=DIR` (the flags of run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ccfnet_jax import maps as maps_lib  # noqa: E402
+from ccfnet_jax import models, objects  # noqa: E402
+from ccfnet_jax.models import layers  # noqa: E402
+
+TINY = "tiny_test_net"
+IMAGE_SIZE = 128
+
+
+class TinyNet(nnx.Module):
+  """Four stride-2 convs (with BatchNorm) and a 1x1 head: output stride 16, `Maps [B, H/16, W/16, 11]`."""
+
+  def __init__(self, depth: int = 18, msc: bool = True, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    del depth, msc
+    self.stride = 16
+    self.dtype = dtype
+    widths = (3, 8, 16, 16, 16)
+    self.convs = nnx.List([layers.conv(widths[i], widths[i + 1], 3, stride=2, rngs=rngs, dtype=dtype)
+                           for i in range(4)])
+    self.norms = nnx.List([layers.batch_norm(widths[i + 1], rngs=rngs, dtype=dtype) for i in range(4)])
+    self.head = nnx.Conv(widths[-1], maps_lib.NUM_CHANNELS, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+                         kernel_init=nnx.initializers.normal(0.05), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> maps_lib.Maps:
+    x = x.astype(self.dtype)
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.relu(norm(conv(x)))
+    return maps_lib.from_channels(self.head(x).astype(jnp.float32))
+
+
+def register() -> None:
+  """Adds TinyNet to the model registry under the name `TINY`."""
+  models.MODELS.setdefault(TINY, TinyNet)
+
+
+def tiny_config(**overrides):
+  """The default config shrunk for tests: tiny model, 128 px, batch 8, phantom data; `overrides` set fields."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  register()
+  config = default.get_config()
+  config.model.name = TINY
+  config.image_size = IMAGE_SIZE
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.phantom_studies = 16
+  config.learning_rate = 1e-3
+  config.schedule = "constant"
+  config.log_every_steps = 1
+  config.num_data_threads = 1
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def config_flags_of(config_overrides: dict) -> list[str]:
+  """run.py flags `--config.<key>=<value>` that turn configs/default.py into `tiny_config(**config_overrides)`."""
+  base = {"model.name": TINY, "image_size": IMAGE_SIZE, "batch_size": 8, "eval_batch_size": 8, "phantom_studies": 16,
+          "learning_rate": 1e-3, "schedule": "constant", "log_every_steps": 1, "num_data_threads": 1}
+  base.update(config_overrides)
+  return ["--config=configs/default.py"] + [f"--config.{k}={v}" for k, v in base.items()]
+
+
+def fake_batch(batch_size: int = 8, image_size: int = IMAGE_SIZE, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch of the pipeline's contract with a bright blob at each (random) point, so there is signal."""
+  rng = np.random.default_rng(seed)
+  n = objects.NUM_OBJECTS
+  points = rng.uniform(16, image_size - 16, (batch_size, n, 2)).astype(np.float32)
+  yy, xx = np.mgrid[0:image_size, 0:image_size] + 0.5
+  image = np.zeros((batch_size, image_size, image_size, 3), np.float32)
+  for b in range(batch_size):
+    for k in range(n):
+      image[b] += np.exp(-((xx - points[b, k, 0]) ** 2 + (yy - points[b, k, 1]) ** 2) / 18.0)[..., None] * (
+          0.3 + 0.05 * k)
+  native_hw = np.full((batch_size, 2), 2 * image_size, np.int32)
+  return {
+      "image": np.clip(image, 0, 1),
+      "points_xy": points,
+      "points_xy_native": points * 2,
+      "native_hw": native_hw,
+      "pixel_spacing_mm": np.full((batch_size, 2), 0.6, np.float32),
+      "point_valid": np.ones((batch_size, n), bool),
+      "disease": rng.integers(0, 2, (batch_size, n)).astype(np.int32),
+      "example_valid": np.ones((batch_size,), bool),
+  }
+
+
+class _ConcatenatedShards:
+  """The training stream that `process_count` processes would load together, read by one process.
+
+  Each process of a multi-process run reads its own shard of the source (`pipeline.train_dataset` with its
+  process index) and contributes its rows, in process order, to the global batch. This yields the same global
+  batches in one process, so a single-process run can be compared step by step with a multi-process one.
+  """
+
+  def __init__(self, datasets):
+    self._datasets = datasets
+
+  def __iter__(self):
+    return _ConcatenatedIterator([iter(ds) for ds in self._datasets])
+
+
+class _ConcatenatedIterator:
+
+  def __init__(self, iterators):
+    self._iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self._iterators]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self._iterators]}
+
+  def set_state(self, state):
+    for it, shard_state in zip(self._iterators, state["shards"]):
+      it.set_state(shard_state)
+
+
+def emulate_processes(count: int) -> None:
+  """Makes `pipeline.train_dataset` in THIS process yield the global batches of a `count`-process run."""
+  from ccfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  original = pipeline.train_dataset
+
+  def train_dataset(source, *, batch_size, process_index=None, process_count=None, **kwargs):
+    del process_index, process_count
+    return _ConcatenatedShards([original(source, batch_size=batch_size, process_index=i, process_count=count,
+                                         **kwargs) for i in range(count)])
+
+  pipeline.train_dataset = train_dataset
+
+
+def main() -> None:
+  """run.py with TinyNet registered (and, with TINY_EMULATE_PROCESSES=N, the data order of an N-process run)."""
+  register()
+  if int(os.environ.get("TINY_EMULATE_PROCESSES", "0")) > 1:
+    emulate_processes(int(os.environ["TINY_EMULATE_PROCESSES"]))
+  import run  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(run.main)
+
+
+if __name__ == "__main__":
+  main()
