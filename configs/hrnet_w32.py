@@ -1,0 +1,16 @@
+"""HRNet-W32 (paper Table 1: 28.54 M parameters): the pose HRNet, stride-4 maps from its high-resolution branch.
+
+For HRNet the registry's `model.depth` is the width W (see `ccfnet_jax.models.hrnet.create_hrnet`). Batch 32 (the
+paper gives no HRNet batch size; the R18 rows' value).
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  config = default.get_config()
+  config.model.name = "hrnet"
+  config.model.depth = 32  # the width W of HRNet-W32
+  config.model.msc = False
+  config.batch_size = 32
+  return default.apply_arg(config, arg)
