@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark (ccfnet_jax.bench): it runs at tiny size and prints valid JSON lines. No timings are
+asserted (speed is measured by running the benchmark, never in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import tiny_training
+from ccfnet_jax import bench
+
+EXPECTED = {
+    "compile_s": "s", "train_images_per_s": "images/s", "train_step_ms": "ms", "flops_per_step": "FLOP",
+    "achieved_flops_per_s": "FLOP/s", "infer_images_per_s": "images/s", "decode_us_per_batch": "us",
+    "pipeline_images_per_s": "images/s", "peak_memory_bytes": "bytes",
+}
+CONTEXT = ("config", "model", "batch", "image_size", "dtype", "device", "platform", "num_devices")
+
+
+def test_bench_prints_one_json_line_per_measurement(capsys):
+  config = tiny_training.tiny_config()  # the tiny stand-in model at 128 px: compiles in seconds
+  # Batch 8: the pipeline part shards its batches over all 8 test devices; the steps run on one device.
+  returned = bench.run(config, batch_size=8, image_size=128, dtype="float32", steps=2, warmup=1,
+                       pipeline_studies=2, num_devices=1, config_name="tiny")
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  assert printed == returned
+  by_metric = {line["metric"]: line for line in printed}
+  assert set(by_metric) == set(EXPECTED)
+  for metric, unit in EXPECTED.items():
+    line = by_metric[metric]
+    assert line["unit"] == unit, metric
+    assert isinstance(line["value"], (int, float)) and math.isfinite(line["value"]) and line["value"] > 0, metric
+    assert all(key in line for key in CONTEXT), metric
+    assert line["batch"] == 8 and line["image_size"] == 128 and line["dtype"] == "float32"
+    assert line["num_devices"] == 1 and line["model"] == "R18-MSC"  # the label of config.model (depth 18, MSC)
+  for metric in ("train_images_per_s", "infer_images_per_s", "decode_us_per_batch"):
+    line = by_metric[metric]
+    assert line["min_s"] <= line["median_s"] <= line["max_s"], metric
+  train = by_metric["train_images_per_s"]
+  assert train["n"] == 2 and train["value"] == pytest.approx(8 / train["median_s"])
+  assert by_metric["train_step_ms"]["value"] == pytest.approx(1000 * train["median_s"])
+  assert by_metric["achieved_flops_per_s"]["value"] == pytest.approx(
+      by_metric["flops_per_step"]["value"] / train["median_s"])
+
+
+def test_bench_rejects_unknown_measurements_and_bad_sizes():
+  config = tiny_training.tiny_config()
+  with pytest.raises(ValueError, match="unknown measurement"):
+    bench.run(config, batch_size=8, image_size=128, dtype="float32", steps=1, warmup=0, measure=["train", "speed"])
+  with pytest.raises(ValueError, match="--steps"):
+    bench.run(config, batch_size=8, image_size=128, dtype="float32", steps=0, warmup=0)
+
+
+def test_synthetic_batch_follows_the_pipeline_contract():
+  batch = bench.synthetic_batch(3, 128)
+  assert batch["image"].shape == (3, 128, 128, 3) and 0 <= batch["image"].min() and batch["image"].max() <= 1
+  assert batch["points_xy"].shape == (3, 11, 2) and batch["point_valid"].all()
+  assert ((batch["points_xy"] > 0) & (batch["points_xy"] < 128)).all()
+  assert set(batch["disease"].ravel().tolist()) <= {0, 1}
