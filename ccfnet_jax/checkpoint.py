@@ -25,6 +25,11 @@ SCORE_KEY = "score"
 """The metric (from `metrics.evaluate`) that ranks checkpoints for 'best'."""
 
 
+def best_rank(score: float, step: int) -> tuple[float, int]:
+  """Sort key of "the best evaluation": the highest score, and the earliest step among equal scores."""
+  return (score, -step)
+
+
 def abstract_like(tree: Any, sharding: Sharding) -> Any:
   """`jax.ShapeDtypeStruct`s of a pytree's arrays, each placed with `sharding` (the restore target)."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
@@ -66,13 +71,14 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
-    """Step of the kept checkpoint with the highest `metrics['score']`, or None when none carries metrics."""
+    """Step of the kept checkpoint with the highest `metrics['score']` (earliest on ties, see `best_rank`), or None
+    when none carries metrics."""
     scored = []
     for step in self._manager.all_steps():
       metrics = self._manager.metrics(step)
       if metrics and SCORE_KEY in metrics:
         scored.append((float(metrics[SCORE_KEY]), step))
-    return max(scored)[1] if scored else None
+    return max(scored, key=lambda item: best_rank(*item))[1] if scored else None
 
   def all_steps(self) -> list[int]:
     """Steps of every kept checkpoint, ascending."""

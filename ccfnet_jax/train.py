@@ -347,7 +347,7 @@ def summarize_history(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
   metrics plus 'epoch' and 'step'."""
   if not history:
     raise ValueError("no evaluation was run")
-  best = max(history, key=lambda h: (h["score"], -h["step"]))
+  best = max(history, key=lambda h: checkpoint_lib.best_rank(h["score"], h["step"]))
   keys = list(metrics.METRIC_NAMES) + ["epoch", "step"]
   return {"best": {k: best[k] for k in keys}, "last": {k: history[-1][k] for k in keys}}
 
