@@ -114,3 +114,17 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     if parsed.dataset:
       config.dataset = parsed.dataset
   return config
+
+
+def model_variant(arg: str | None, *, name: str = "ccfnet", depth: int, msc: bool,
+                  batch_size: int) -> ml_collections.ConfigDict:
+  """The default config with another model (registry `name`, `depth`, `msc`) and batch size, then `arg` applied.
+
+  The Table 1 configs (`r18.py`, `simplebaseline_r50_msc.py`, ...) differ from the default only in these fields.
+  """
+  config = get_config()
+  config.model.name = name
+  config.model.depth = depth
+  config.model.msc = msc
+  config.batch_size = batch_size
+  return apply_arg(config, arg)

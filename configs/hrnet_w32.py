@@ -8,9 +8,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
-  config.model.name = "hrnet"
-  config.model.depth = 32  # the width W of HRNet-W32
-  config.model.msc = False
-  config.batch_size = 32
-  return default.apply_arg(config, arg)
+  return default.model_variant(arg, name="hrnet", depth=32, msc=False, batch_size=32)

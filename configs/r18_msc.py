@@ -4,8 +4,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
-  config.model.depth = 18
-  config.model.msc = True
-  config.batch_size = 32
-  return default.apply_arg(config, arg)
+  return default.model_variant(arg, depth=18, msc=True, batch_size=32)

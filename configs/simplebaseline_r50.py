@@ -4,9 +4,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
-  config.model.name = "simplebaseline"
-  config.model.depth = 50
-  config.model.msc = False
-  config.batch_size = 12
-  return default.apply_arg(config, arg)
+  return default.model_variant(arg, name="simplebaseline", depth=50, msc=False, batch_size=12)
