@@ -34,7 +34,8 @@ from ccfnet_jax import metrics, objects
 from ccfnet_jax.data import annotations as annotations_lib
 from ccfnet_jax.data import dicom
 from ccfnet_jax.data.errors import StudyError
-from ccfnet_jax.predict import COORD_FLOAT_KEY, PROB_KEY, find_study_folders, write_json
+from ccfnet_jax.predict import COORD_FLOAT_KEY, PROB_KEY, find_study_folders
+from ccfnet_jax.train import write_json
 
 
 MISSING_PREDICTION_PX = -1.0e6
@@ -156,7 +157,7 @@ def read_spacings(studies_dir: str | os.PathLike, instance_uids: Iterable[str]
       try:
         header = dicom.read_header(path, folder.name)
         if header.instance_uid in wanted and header.instance_uid not in found:
-          found[header.instance_uid] = dicom._pixel_spacing(header, folder.name)  # pylint: disable=protected-access
+          found[header.instance_uid] = dicom.pixel_spacing(header, folder.name)
       except StudyError as e:
         problems.append(e)
   return found, problems

@@ -262,7 +262,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
   for fold in fold_infos:
     result = {**train.summarize_history(fold.history), "params": num_params}
     if jax.process_index() == 0:
-      train._write_json(os.path.join(fold.dir, train.RESULTS_FILE), result)  # pylint: disable=protected-access
+      train.write_json(os.path.join(fold.dir, train.RESULTS_FILE), result)
     results[fold.index] = result
   return results
 
@@ -295,7 +295,7 @@ def _train_loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stack
       fetched = jax.device_get([s for _, s in window])  # the one host sync of a logging interval
       for i, fold in enumerate(folds):
         per_fold = [(st, {name: value[i] for name, value in s.items()}) for (st, _), s in zip(window, fetched)]
-        means = train._flush_window(per_fold, fold=fold.index,  # pylint: disable=protected-access
+        means = train.flush_window(per_fold, fold=fold.index,
                                     checkpoints=fold.checkpoints)
         fold.writer.write(step, "train", means)
       window = []
@@ -307,7 +307,7 @@ def _train_loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stack
         started = time.perf_counter()
         eval_metrics = train.evaluate(jit_eval, state, fold.val_source, batch_size=eval_batch_size,
                                       image_size=config.image_size, mesh=mesh, options=options)
-        epoch = train._epoch_of(step, epoch_steps)  # pylint: disable=protected-access
+        epoch = train.epoch_of(step, epoch_steps)
         fold.history.append({**eval_metrics, "epoch": epoch, "step": step})
         fold.writer.write(step, "eval", eval_metrics)
         logging.info("fold %d step %d eval (%.1fs): %s", fold.index, step, time.perf_counter() - started,

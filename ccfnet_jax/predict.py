@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -56,6 +55,7 @@ from ccfnet_jax import __version__, inference, objects
 from ccfnet_jax.data import annotations as annotations_lib
 from ccfnet_jax.data import dicom, errors, pipeline, render
 from ccfnet_jax.data.errors import StudyError
+from ccfnet_jax.train import write_json
 
 DISEASE_THRESHOLD = 0.5
 """A point is tagged diseased (`v2`) when its probability is >= this, else normal (`v1`)."""
@@ -199,16 +199,6 @@ def sidecar_path(output: str | os.PathLike) -> str:
   return stem + ".errors.json"
 
 
-def write_json(path: str | os.PathLike, value: Any, indent: int | None = None) -> None:
-  """Writes JSON atomically (a temporary file renamed), creating the folder."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=indent)
-  os.replace(tmp, path)
-
-
 def draw_overlay(loaded: _Loaded, pred: StudyPrediction, directory: str | os.PathLike) -> str:
   """Writes `directory/<folder name>.png`: the slice with the predicted points, names and probabilities."""
   assert loaded.image is not None
@@ -299,7 +289,7 @@ def write_outputs(run: PredictionRun, output: str | os.PathLike, info: Mapping[s
                   ) -> tuple[str, str]:
   """Writes the predictions file and its `.errors.json` sidecar; returns both paths."""
   output = os.fspath(output)
-  write_json(output, run.entries())  # compact, as the official files
+  write_json(output, run.entries(), indent=None)  # compact, as the official files
   sidecar = {
       "predictions": os.path.abspath(output),
       "num_study_folders": run.num_folders,

@@ -311,7 +311,7 @@ def open_sources(config: ml_collections.ConfigDict, fold: int, workdir: str) -> 
   return open_()
 
 
-def _flush_window(window: list[tuple[int, dict[str, jax.Array]]], *, fold: int, checkpoints: checkpoint_lib.Checkpointer
+def flush_window(window: list[tuple[int, dict[str, jax.Array]]], *, fold: int, checkpoints: checkpoint_lib.Checkpointer
                   ) -> dict[str, float]:
   """Fetches the scalars of the steps since the last flush (one host sync), checks them, returns their means.
 
@@ -338,7 +338,7 @@ def _report(message: str) -> None:
     print(message, flush=True)
 
 
-def _epoch_of(step: int, epoch_steps: int) -> float | int:
+def epoch_of(step: int, epoch_steps: int) -> float | int:
   return step // epoch_steps if step % epoch_steps == 0 else round(step / epoch_steps, 3)
 
 
@@ -431,7 +431,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
       is_eval = step % eval_every == 0 or step == num_steps
       is_checkpoint = is_eval or step % checkpoint_every == 0
       if step % config.log_every_steps == 0 or is_checkpoint:
-        means = _flush_window(window, fold=fold, checkpoints=checkpoints)
+        means = flush_window(window, fold=fold, checkpoints=checkpoints)
         window = []
         writer.write(step, "train", means)
         progress.update(step, {"loss": means["loss"], "lr": means["learning_rate"]})
@@ -440,7 +440,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
         started = time.perf_counter()
         eval_metrics = evaluate(jit_eval, state, val_source, batch_size=eval_batch_size,
                                 image_size=config.image_size, mesh=mesh, options=options)
-        history.append({**eval_metrics, "epoch": _epoch_of(step, epoch_steps), "step": step})
+        history.append({**eval_metrics, "epoch": epoch_of(step, epoch_steps), "step": step})
         writer.write(step, "eval", eval_metrics)
         _report(f"fold {fold} | step {step} | epoch {history[-1]['epoch']} | eval "
                 + " ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items())
@@ -457,7 +457,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
 
   result = {**summarize_history(history), "params": num_params}
   if jax.process_index() == 0:
-    _write_json(os.path.join(fold_dir, RESULTS_FILE), result)
+    write_json(os.path.join(fold_dir, RESULTS_FILE), result)
   return result
 
 
@@ -466,11 +466,13 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+  """Writes JSON atomically (a temporary file renamed), creating the folder."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
+    json.dump(value, f, indent=indent)
   os.replace(tmp, path)
 
 
@@ -545,6 +547,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   num_params = fold_results[folds[-1]]["params"]
   results = collect_results(workdir, config.num_folds)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
     print(format_table(results, config, num_params), flush=True)
   return results

@@ -187,7 +187,7 @@ def _decode(header: SliceHeader, study: str) -> np.ndarray:
   return pixels
 
 
-def _pixel_spacing(header: SliceHeader, study: str) -> np.ndarray:
+def pixel_spacing(header: SliceHeader, study: str) -> np.ndarray:
   """PixelSpacing `[2]` float32 (row, col) mm of one slice; raises StudyError when missing or not positive."""
   spacing = header.pixel_spacing_mm
   if spacing is None or len(spacing) != 2:
@@ -285,7 +285,7 @@ def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, se
                        errors.BAD_IMAGE)
   image = np.stack([min_max_uint16(decoded[h.path]) for h in neighbours], axis=-1)
   return StudyImage(
-      image=image, pixel_spacing_mm=_pixel_spacing(centre, study), study_uid=centre.study_uid,
+      image=image, pixel_spacing_mm=pixel_spacing(centre, study), study_uid=centre.study_uid,
       series_uid=centre.series_uid, instance_uid=centre.instance_uid, z_index=z,
       native_hw=(int(shape[0]), int(shape[1])), series_description=chosen.description, path=centre.path)
 
