@@ -291,5 +291,5 @@ def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, se
 
 
 def to_float01(image: np.ndarray) -> np.ndarray:
-  """uint16 `[..., H, W, 3]` stack (0..65535) -> float32 in [0, 1]."""
-  return np.asarray(image, np.float32) / np.float32(UINT16_MAX)
+  """uint16 `[..., H, W, C]` stack (0..65535) -> float32 in [0, 1] (the inverse of the 0..65535 scaling above)."""
+  return np.asarray(image, np.float32) * np.float32(1.0 / UINT16_MAX)

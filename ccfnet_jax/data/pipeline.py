@@ -33,7 +33,7 @@ from absl import flags
 from PIL import Image
 
 from ccfnet_jax import coords, objects, parallel
-from ccfnet_jax.data import records
+from ccfnet_jax.data import dicom, records
 
 Record = dict[str, Any]
 Batch = dict[str, np.ndarray]
@@ -57,7 +57,7 @@ def _describe(record: Record, index: int) -> str:
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint16 `[H, W, C]` -> float32 `[size, size, C]` in [0, 1], stretched with a bilinear (antialiased) filter."""
-  scaled = image.astype(np.float32) * np.float32(1.0 / 65535.0)
+  scaled = dicom.to_float01(image)
   if scaled.shape[:2] == (size, size):
     return scaled
   out = np.empty((size, size, scaled.shape[-1]), np.float32)
