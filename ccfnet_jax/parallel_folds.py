@@ -204,7 +204,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
                   losses.class_balanced_pos_weight(*counts["disc"]))
     # The same key derivation as train.train_fold: fold k's model is initialised exactly as when trained alone.
     fold_key = jax.random.fold_in(jax.random.key(config.seed), k)
-    model = train.create_model(config, jax.random.fold_in(fold_key, 0))
+    model = train.initial_model(config, jax.random.fold_in(fold_key, 0))
     train_graphdef, eval_graphdef, state = train.init_state(model, tx)
     stride = int(model.stride)
     states.append(state)

@@ -34,11 +34,12 @@ from absl import logging
 from flax import nnx, struct
 
 from ccfnet_jax import checkpoint as checkpoint_lib
-from ccfnet_jax import coords, decode, losses, metrics, models, parallel, schedules, targets
+from ccfnet_jax import convert, coords, decode, losses, metrics, models, parallel, schedules, targets
 from ccfnet_jax import logging_utils
 from ccfnet_jax.data import augment as augment_lib
 from ccfnet_jax.data import pipeline, sources
 from ccfnet_jax.maps import Maps
+from ccfnet_jax.models import layers
 
 RESULTS_FILE = "results.json"
 LOSSES: dict[str, Callable[..., Any]] = {"reference": losses.reference_loss, "paper": losses.paper_loss}
@@ -136,8 +137,29 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
 def create_model(config: ml_collections.ConfigDict, key: jax.Array) -> nnx.Module:
   """The model of `config.model` (`models.create_model`), bf16 compute when `config.mixed_precision`."""
   dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
-  return models.create_model(config.model.name, depth=config.model.depth, msc=config.model.msc,
-                             rngs=nnx.Rngs(key), dtype=dtype)
+  model = models.create_model(config.model.name, depth=config.model.depth, msc=config.model.msc,
+                              rngs=nnx.Rngs(key), dtype=dtype)
+  backbone_init = config.model.get("backbone_init", "reference")
+  if backbone_init == "kaiming":
+    layers.reinitialize_convs(getattr(model, "backbone", model), jax.random.fold_in(key, 1))
+  elif backbone_init != "reference":
+    raise ValueError(f"config.model.backbone_init must be 'reference' or 'kaiming', got {backbone_init!r}")
+  return model
+
+
+def initial_model(config: ml_collections.ConfigDict, key: jax.Array) -> nnx.Module:
+  """`create_model`, then `config.model.pretrained` (a torchvision ImageNet ResNet file) copied into the backbone.
+
+  Raises:
+    convert.StateDictError: naming the file and every key or shape that does not fit the backbone.
+  """
+  model = create_model(config, key)
+  path = config.model.get("pretrained", "")
+  if path:
+    report = convert.load_torch_state_dict(model, os.path.expanduser(path), source="torchvision")
+    _report(f"backbone initialised from {path} ({len(report.loaded)} tensors; "
+            f"{len(report.kept)} head variables keep their init)")
+  return model
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, nnx.GraphDef, TrainState]:
@@ -393,7 +415,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
 
   # Model, optimizer, state.
   fold_key = jax.random.fold_in(jax.random.key(config.seed), fold)
-  model = create_model(config, jax.random.fold_in(fold_key, 0))
+  model = initial_model(config, jax.random.fold_in(fold_key, 0))
   schedule = create_schedule(config, num_steps, epoch_steps)
   tx = create_optimizer(config, schedule)
   train_graphdef, eval_graphdef, state = init_state(model, tx)

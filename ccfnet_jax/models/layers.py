@@ -49,6 +49,24 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
+def kaiming_normal_fan_out(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jnp.ndarray:
+  """torchvision's ResNet conv init for an HWIO kernel: N(0, 2 / fan_out), fan_out = kh * kw * out (ReLU gain)."""
+  fan_out = int(np.prod(shape[:-2])) * shape[-1]
+  return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out).astype(dtype)
+
+
+def reinitialize_convs(module: nnx.Module, key: jax.Array) -> int:
+  """Redraws the kernel of every `nnx.Conv` inside `module` with `kaiming_normal_fan_out` (in place).
+
+  The reference's N(0, 0.001) suits layers trained on top of an ImageNet backbone; a backbone trained from scratch
+  starts better at torchvision's own scale (biases and BatchNorm are left as they are). Returns the number of convs.
+  """
+  convs = [m for _, m in nnx.iter_graph(module) if isinstance(m, nnx.Conv)]
+  for i, m in enumerate(convs):
+    m.kernel[...] = kaiming_normal_fan_out(jax.random.fold_in(key, i), m.kernel.shape, m.kernel.dtype)
+  return len(convs)
+
+
 def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.BatchNorm:
   """`nn.BatchNorm2d(num_features)` over the last axis: eps 1e-5, PyTorch momentum 0.1, gamma 1, beta 0.
 
