@@ -119,16 +119,12 @@ def test_eval_pads_last_batch(records):
   assert (last["disease"][2:] == -1).all() and not last["point_valid"][2:].any() and (last["image"][2:] == 0).all()
 
 
-def test_process_shards_are_disjoint_and_eval_lengths_equal(records):
+def test_eval_shards_are_disjoint_and_equally_long(records):
   per_host = [list(pipeline.eval_dataset(records, batch_size=6, image_size=S, process_index=i, process_count=3))
               for i in range(3)]
   assert len({len(b) for b in per_host}) == 1  # every host runs the same number of steps
   seen = [np.concatenate([b["record_index"][b["example_valid"]] for b in host]) for host in per_host]
   assert sorted(np.concatenate(seen)) == list(range(10))
-  train = [next(iter(pipeline.train_dataset(records, batch_size=4, image_size=S, seed=0, process_index=i,
-                                            process_count=2))) for i in range(2)]
-  assert all(b["image"].shape[0] == 2 for b in train)
-  assert set(train[0]["record_index"] % 2) == {0} and set(train[1]["record_index"] % 2) == {1}
   with pytest.raises(ValueError, match="multiple of process_count"):
     pipeline.train_dataset(records, batch_size=3, image_size=S, seed=0, process_index=0, process_count=2)
 
@@ -218,3 +214,30 @@ def test_augment_on_a_sharded_batch_equals_unsharded(records):
   assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   for key in ("image", "points_xy", "point_valid", "disease"):
     np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(local[key]), atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_training_batches_do_not_depend_on_the_number_of_hosts(records, process_count):
+  """The hosts' blocks, stacked in host order, are the batches one process reads: across epochs and after a resume."""
+  def stream(process_index, count, state=None, steps=7):  # 7 batches of 4 = 2.8 epochs of the 10 records
+    it = iter(pipeline.train_dataset(records, batch_size=4, image_size=S, seed=3, process_index=process_index,
+                                     process_count=count))
+    if state is not None:
+      it.set_state(state)
+    return [next(it) for _ in range(steps)], it.get_state()
+
+  single, _ = stream(0, 1)
+  hosts = [stream(p, process_count)[0] for p in range(process_count)]
+  for step, batch in enumerate(single):
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([host[step][key] for host in hosts]), batch[key], err_msg=key)
+  order = np.concatenate([b["record_index"] for b in single])
+  assert sorted(order[:8]) != list(order[:8]) or sorted(order[8:16]) != list(order[8:16])  # shuffled
+  assert len(set(order[:10])) == 10 and len(set(order[10:20])) == 10  # each epoch sees every record once
+  assert list(order[:10]) != list(order[10:20])  # reshuffled every epoch
+  # A single-process checkpoint of the position resumes each host of a multi-host run at the same global batch.
+  _, state = stream(0, 1, steps=3)
+  resumed = [stream(p, process_count, state=state, steps=2)[0] for p in range(process_count)]
+  for step in range(2):
+    np.testing.assert_array_equal(np.concatenate([host[step]["record_index"] for host in resumed]),
+                                  single[3 + step]["record_index"])

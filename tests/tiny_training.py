@@ -107,59 +107,9 @@ def fake_batch(batch_size: int = 8, image_size: int = IMAGE_SIZE, seed: int = 0)
   }
 
 
-class _ConcatenatedShards:
-  """The training stream that `process_count` processes would load together, read by one process.
-
-  Each process of a multi-process run reads its own shard of the source (`pipeline.train_dataset` with its
-  process index) and contributes its rows, in process order, to the global batch. This yields the same global
-  batches in one process, so a single-process run can be compared step by step with a multi-process one.
-  """
-
-  def __init__(self, datasets):
-    self._datasets = datasets
-
-  def __iter__(self):
-    return _ConcatenatedIterator([iter(ds) for ds in self._datasets])
-
-
-class _ConcatenatedIterator:
-
-  def __init__(self, iterators):
-    self._iterators = iterators
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    parts = [next(it) for it in self._iterators]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-
-  def get_state(self):
-    return {"shards": [it.get_state() for it in self._iterators]}
-
-  def set_state(self, state):
-    for it, shard_state in zip(self._iterators, state["shards"]):
-      it.set_state(shard_state)
-
-
-def emulate_processes(count: int) -> None:
-  """Makes `pipeline.train_dataset` in THIS process yield the global batches of a `count`-process run."""
-  from ccfnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  original = pipeline.train_dataset
-
-  def train_dataset(source, *, batch_size, process_index=None, process_count=None, **kwargs):
-    del process_index, process_count
-    return _ConcatenatedShards([original(source, batch_size=batch_size, process_index=i, process_count=count,
-                                         **kwargs) for i in range(count)])
-
-  pipeline.train_dataset = train_dataset
-
-
 def main() -> None:
-  """run.py with TinyNet registered (and, with TINY_EMULATE_PROCESSES=N, the data order of an N-process run)."""
+  """run.py with TinyNet registered."""
   register()
-  if int(os.environ.get("TINY_EMULATE_PROCESSES", "0")) > 1:
-    emulate_processes(int(os.environ["TINY_EMULATE_PROCESSES"]))
   import run  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   app.run(run.main)

@@ -15,8 +15,10 @@ Batch contract (host numpy; `to_global` makes them global jax arrays sharded on 
   disease int32 `[B, 11]`; example_valid bool `[B]` (False for evaluation padding); record_index int32 `[B]` (index
   of the record in the source, -1 for padding: look up `study_uid` etc. there).
 
-Batch sizes given here are GLOBAL: each of the `process_count` hosts reads `batch_size / process_count` examples
-from its own interleaved shard (`source[process_index::process_count]`).
+Batch sizes given here are GLOBAL. Training: every host draws the same global order (one shuffle of the whole
+source per epoch, from the seed) and loads its block of rows of each global batch (host p: rows
+`[p * local, (p + 1) * local)`, `local = batch_size / process_count`), so the global batches, and hence training,
+do not depend on the number of hosts. Evaluation: each host reads an interleaved shard (`source[p::process_count]`).
 """
 
 from __future__ import annotations
@@ -122,6 +124,20 @@ class _LoadExample(grain.transforms.Map):
     return to_example(self.source[index], self.image_size, index)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadBlock(grain.transforms.Map):
+  """Reads this host's block `[start, stop)` of a global batch of source indices and stacks it into a batch."""
+
+  source: Sequence[Record]
+  image_size: int
+  start: int
+  stop: int
+
+  def map(self, indices):
+    examples = [to_example(self.source[int(i)], self.image_size, int(i)) for i in indices[self.start:self.stop]]
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets and iterators.
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,18 +192,22 @@ def _finish(ds: grain.MapDataset, options: PipelineOptions) -> grain.IterDataset
 def train_dataset(source: Sequence[Record], *, batch_size: int, image_size: int, seed: int,
                   options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
-  """Infinite training batches: this host's shard, reshuffled every epoch from `seed`, full batches only.
+  """Infinite training batches: the whole source reshuffled every epoch from `seed`; this host's rows of each batch.
 
-  `batch_size` is global. Iterate with `iter(...)`; the iterator's `get_state()` / `set_state(state)` checkpoint
-  the position (the training loop saves it with Orbax; resuming from it gives the same following batches).
+  `batch_size` is global. The global stream of indices is the same on every host and for any number of hosts
+  (an epoch's last batch continues into the next epoch); host `process_index` loads rows
+  `[process_index * local, (process_index + 1) * local)` of every global batch. Iterate with `iter(...)`; the
+  iterator's `get_state()` / `set_state(state)` checkpoint the position (the training loop saves it with Orbax;
+  resuming from it gives the same following batches, also onto another number of hosts).
   """
   process_index, process_count = _process(process_index, process_count)
   local = local_batch_size(batch_size, process_count)
-  indices = _indices(source, process_index, process_count)
-  if len(indices) < local:
-    raise ValueError(f"host {process_index} has {len(indices)} examples, fewer than one batch of {local}")
-  ds = indices.shuffle(seed=seed).repeat(None).map(_LoadExample(source, image_size))
-  return _finish(ds.batch(local, drop_remainder=True), options)
+  indices = _indices(source, 0, 1)
+  if len(indices) < batch_size:
+    raise ValueError(f"the training source has {len(indices)} examples, fewer than one batch of {batch_size}")
+  ds = indices.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  ds = ds.map(_LoadBlock(source, image_size, process_index * local, (process_index + 1) * local))
+  return _finish(ds, options)
 
 
 def eval_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
