@@ -203,3 +203,13 @@ def test_official_layout_reads_back_as_the_records(tmp_path):
         assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
     # Without the annotation, the reader's T2-sagittal rule picks the same series.
     assert dicom.read_study(folder).series_uid == expected["series_uid"]
+
+
+def test_official_layout_is_byte_identical_across_writes(tmp_path):
+  """Every UID of the written files (instances, frame of reference) derives from the seed: no random UIDs."""
+  for run in ("a", "b"):
+    phantom.write_official_layout(tmp_path / run, 1, seed=3)
+  files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+  assert len(files) > 5
+  for f in files:
+    assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

@@ -50,7 +50,8 @@ def write_series(
     slices: `[N, H, W]` (or N arrays `[H, W]` of one size) of unsigned integers < 2**bits_stored, stored as uint16.
       Stored values are written as given; with `monochrome1` the reader is expected to invert them.
     study_uid, series_uid: StudyInstanceUID and SeriesInstanceUID.
-    instance_uids: SOPInstanceUID per slice; generated when None.
+    instance_uids: SOPInstanceUID per slice; when None, derived from `series_uid` and the slice index (the same
+      inputs write the same files, byte for byte).
     description: SeriesDescription (e.g. 'T2_TSE_SAG', 'T1_TSE_SAG', 'T2_TSE_TRA').
     orientation: ImageOrientationPatient, 6 direction cosines (row direction, column direction).
     positions: ImagePositionPatient per slice, `[N, 3]` mm (x, y, z of the top-left pixel centre).
@@ -70,7 +71,7 @@ def write_series(
   if len(arrays) != n or len(positions) != n:
     raise ValueError(f"write_series: {n} paths, {len(arrays)} slices and {len(positions)} positions must agree")
   if instance_uids is None:
-    instance_uids = [generate_uid() for _ in range(n)]
+    instance_uids = [generate_uid(entropy_srcs=[series_uid, "instance", str(i)]) for i in range(n)]
   if instance_numbers is None:
     instance_numbers = list(range(1, n + 1))
   if len(instance_uids) != n or len(instance_numbers) != n:
@@ -81,7 +82,7 @@ def write_series(
   if not 1 <= bits_stored <= 16:
     raise ValueError(f"write_series: bits_stored {bits_stored} not in 1..16")
   shape = arrays[0].shape if arrays else None
-  frame_of_reference = generate_uid()
+  frame_of_reference = generate_uid(entropy_srcs=[series_uid, "frame of reference"])
   for path, array, uid, number, position in zip(paths, arrays, instance_uids, instance_numbers, positions):
     if array.ndim != 2 or array.shape != shape:
       raise ValueError(f"write_series: slice for {os.fspath(path)} has shape {array.shape}, expected 2-D {shape}")
