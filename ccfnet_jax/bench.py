@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ccfnet_jax import bench_pipeline  # defines --image_size (shared with this benchmark), --batch_size, ...
+from ccfnet_jax import bench_pipeline
 from ccfnet_jax import decode, losses, objects, parallel, parallel_folds, train
 from ccfnet_jax.data import pipeline
 from ccfnet_jax.maps import Maps
@@ -50,6 +50,7 @@ OPTIONAL_MEASUREMENTS: tuple[str, ...] = ("folds",)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/r18_msc.py", "Experiment config file.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Global batch size of the timed steps.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls per measurement (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones (after compilation).")
@@ -315,7 +316,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  run(_CONFIG.value, batch_size=_BATCH.value, image_size=flags.FLAGS.image_size, dtype=_DTYPE.value, steps=_STEPS.value,
+  run(_CONFIG.value, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
       warmup=_WARMUP.value, measure=_MEASURE.value, augment=_AUGMENT.value, pipeline_studies=_PIPELINE_STUDIES.value,
       num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "")
 

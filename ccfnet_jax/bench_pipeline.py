@@ -86,19 +86,24 @@ def pipeline_figures(batch_size: int = 8, image_size: int = 512, num_batches: in
   }
 
 
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S).")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches per measurement.")
-_NUM_RECORDS = flags.DEFINE_integer("num_records", 16, "Phantom studies generated in memory.")
-_WORKER_COUNT = flags.DEFINE_integer("worker_count", 0, "Grain worker processes (0 = in-process threads).")
-_NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "Reader threads per process.")
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """This benchmark's command-line flags (defined only when it runs as the program, so importers keep theirs)."""
+  return {
+      "batch_size": flags.DEFINE_integer("batch_size", 8, "Global batch size."),
+      "image_size": flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S)."),
+      "num_batches": flags.DEFINE_integer("num_batches", 20, "Timed batches per measurement."),
+      "num_records": flags.DEFINE_integer("num_records", 16, "Phantom studies generated in memory."),
+      "worker_count": flags.DEFINE_integer("worker_count", 0, "Grain worker processes (0 = in-process threads)."),
+      "num_threads": flags.DEFINE_integer("num_threads", 2, "Reader threads per process."),
+  }
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  print(json.dumps(pipeline_figures(_BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_BATCHES.value, _NUM_RECORDS.value,
-                                    _WORKER_COUNT.value, _NUM_THREADS.value)))
+def main(holders: dict[str, flags.FlagHolder]) -> None:
+  values = {name: holder.value for name, holder in holders.items()}
+  print(json.dumps(pipeline_figures(values["batch_size"], values["image_size"], values["num_batches"],
+                                    values["num_records"], values["worker_count"], values["num_threads"])))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _holders = define_flags()
+  app.run(lambda argv: main(_holders))
