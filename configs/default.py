@@ -71,9 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model.
   config.model = ml_collections.ConfigDict({"name": "ccfnet", "depth": 18, "msc": True})
-  # 'reference': every conv N(0, 0.001) as the reference (whose backbone then gets ImageNet weights);
-  # 'kaiming': the backbone's convs at torchvision's scale, N(0, 2 / fan_out), for training from scratch.
-  config.model.backbone_init = "reference"
+  # 'kaiming' (default): the backbone's convs at torchvision's scale, N(0, 2 / fan_out), the rest N(0, 0.001);
+  # 'reference': every conv N(0, 0.001), as the reference draws them before it copies ImageNet weights into the
+  # backbone. From scratch, 'kaiming' learns several times faster (README, "Measured results").
+  config.model.backbone_init = "kaiming"
   config.model.pretrained = ""  # a torchvision ImageNet ResNet (.pth / .npz) copied into the backbone (SPEC §2)
   config.parallel_folds = False  # fold=all: True trains the folds together in one jit program (vmap)
   config.mixed_precision = False  # True: bfloat16 compute, float32 parameters and optimizer state
