@@ -30,7 +30,7 @@ def _conv_stds(module: nnx.Module) -> dict[str, tuple[float, float]]:
 
 
 def test_kaiming_redraws_the_backbone_only():
-  reference = train.create_model(_config(), jax.random.key(0))
+  reference = train.create_model(_config(backbone_init="reference"), jax.random.key(0))
   kaiming = train.create_model(_config(backbone_init="kaiming"), jax.random.key(0))
   backbone = _conv_stds(kaiming.backbone)
   assert len(backbone) == 15  # stem + 3 stages x 2 blocks x 2 convs + the 2 projection shortcuts (no layer4)
