@@ -18,6 +18,7 @@ device with a key derived from (seed, fold, step), so a resumed run repeats an u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -276,6 +277,54 @@ def jit_steps(mesh: jax.sharding.Mesh, *, train_graphdef: nnx.GraphDef, eval_gra
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# BatchNorm recalibration.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def batch_statistics(params: nnx.State, batch_stats: nnx.State, image: jax.Array, *,
+                     graphdef: nnx.GraphDef) -> nnx.State:
+  """The BatchNorm statistics (mean, biased var) of one batch: the train-mode forward pass with momentum 0."""
+  model = nnx.merge(graphdef, params, batch_stats, copy=True)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      module.momentum = 0.0  # the running statistics become this batch's
+  model(image)
+  return nnx.state(model, nnx.BatchStat)
+
+
+def recalibrate_batch_stats(state: TrainState, batches: Any, *, graphdef: nnx.GraphDef,
+                            mesh: jax.sharding.Mesh) -> TrainState:
+  """`state` with its BatchNorm running statistics replaced by the mean of per-batch statistics over `batches`.
+
+  Training normalises augmented images with their batch statistics, and the running averages follow those images;
+  evaluation sees unaugmented ones. Averaging the statistics of unaugmented training images ("precise BN") matches
+  the statistics to what evaluation sees. The parameters are untouched, and training itself never reads the running
+  statistics, so only the evaluations (and what the checkpoints hold for inference) change.
+
+  Args:
+    state: the replicated TrainState.
+    batches: host batches with at least `image` (`pipeline.calibration_dataset`: full batches, no padding).
+    graphdef: the model's train-mode graphdef.
+    mesh: the data-parallel mesh.
+  Returns:
+    The new state; `state` itself when `batches` is empty.
+  """
+  stats_fn = jax.jit(functools.partial(batch_statistics, graphdef=graphdef),
+                     in_shardings=(parallel.replicated_sharding(mesh), parallel.replicated_sharding(mesh),
+                                   parallel.data_sharding(mesh)),
+                     out_shardings=parallel.replicated_sharding(mesh))
+  total, count = None, 0
+  for host_batch in batches:
+    image = pipeline.to_global({"image": host_batch["image"]}, mesh)["image"]
+    stats = stats_fn(state.params, state.batch_stats, image)
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    count += 1
+  if total is None:
+    return state
+  return state.replace(batch_stats=jax.tree.map(lambda x: x / count, total))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Evaluation on the validation fold.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -460,6 +509,10 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
       eval_metrics = None
       if is_eval:
         started = time.perf_counter()
+        if config.get("recalibrate_bn", False):
+          state = recalibrate_batch_stats(state, pipeline.calibration_dataset(
+              train_source, batch_size=config.batch_size, image_size=config.image_size, options=options),
+                                          graphdef=train_graphdef, mesh=mesh)
         eval_metrics = evaluate(jit_eval, state, val_source, batch_size=eval_batch_size,
                                 image_size=config.image_size, mesh=mesh, options=options)
         history.append({**eval_metrics, "epoch": epoch_of(step, epoch_steps), "step": step})
@@ -562,6 +615,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
   if config.get("parallel_folds", False) and len(folds) > 1:
+    if config.get("recalibrate_bn", False):
+      raise ValueError("config.recalibrate_bn is not supported with config.parallel_folds; train the folds in turn")
     from ccfnet_jax import parallel_folds  # pylint: disable=g-import-not-at-top  (it imports this module)
     fold_results = parallel_folds.train_folds(config, folds, workdir)
   else:

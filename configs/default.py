@@ -83,6 +83,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss = "reference"  # 'reference' (as the reference code trains) or 'paper'
   config.augment = augment_fields(AugmentConfig.reference())
   config.flip_tta = True  # evaluation with horizontal-flip test-time augmentation (SPEC §5)
+  # True: before each evaluation, BatchNorm running statistics := mean statistics of the unaugmented training images
+  # ("precise BN"; the reference keeps the running averages of the augmented ones: False).
+  config.recalibrate_bn = False
 
   # Optimisation (SPEC §9).
   config.batch_size = 32  # global, over all devices and hosts

@@ -241,3 +241,15 @@ def test_training_batches_do_not_depend_on_the_number_of_hosts(records, process_
   for step in range(2):
     np.testing.assert_array_equal(np.concatenate([host[step]["record_index"] for host in resumed]),
                                   single[3 + step]["record_index"])
+
+
+def test_calibration_batches_are_full_unpadded_in_order_and_split_by_host(records):
+  single = list(pipeline.calibration_dataset(records, batch_size=4, image_size=S))
+  assert len(single) == 2 and all(b["example_valid"].all() for b in single)  # 10 records: 2 full batches
+  np.testing.assert_array_equal(np.concatenate([b["record_index"] for b in single]), np.arange(8))
+  hosts = [list(pipeline.calibration_dataset(records, batch_size=4, image_size=S, process_index=p, process_count=2))
+           for p in range(2)]
+  for step, batch in enumerate(single):
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), batch[key], err_msg=key)
+  assert not list(pipeline.calibration_dataset(records[:3], batch_size=4, image_size=S))

@@ -210,6 +210,22 @@ def train_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
   return _finish(ds, options)
 
 
+def calibration_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
+                        options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
+                        process_count: int | None = None) -> grain.IterDataset:
+  """One pass in source order over the full global batches (the last partial batch is left out), unaugmented.
+
+  For statistics that padding would bias (BatchNorm recalibration); each host loads its block of rows of each
+  global batch, as in training. Yields nothing when the source holds fewer than `batch_size` examples.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local = local_batch_size(batch_size, process_count)
+  full = len(source) // batch_size * batch_size
+  ds = grain.MapDataset.range(full).batch(batch_size, drop_remainder=True)
+  ds = ds.map(_LoadBlock(source, image_size, process_index * local, (process_index + 1) * local))
+  return _finish(ds, options)
+
+
 def eval_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
                  options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
