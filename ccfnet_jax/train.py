@@ -292,6 +292,15 @@ def batch_statistics(params: nnx.State, batch_stats: nnx.State, image: jax.Array
   return nnx.state(model, nnx.BatchStat)
 
 
+@functools.lru_cache(maxsize=8)
+def _jit_batch_statistics(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh) -> Callable[..., nnx.State]:
+  """`batch_statistics` jitted on `mesh`, built once per (model, mesh): a fold recalibrates at every evaluation."""
+  return jax.jit(functools.partial(batch_statistics, graphdef=graphdef),
+                 in_shardings=(parallel.replicated_sharding(mesh), parallel.replicated_sharding(mesh),
+                               parallel.data_sharding(mesh)),
+                 out_shardings=parallel.replicated_sharding(mesh))
+
+
 def recalibrate_batch_stats(state: TrainState, batches: Any, *, graphdef: nnx.GraphDef,
                             mesh: jax.sharding.Mesh) -> TrainState:
   """`state` with its BatchNorm running statistics replaced by the mean of per-batch statistics over `batches`.
@@ -309,10 +318,7 @@ def recalibrate_batch_stats(state: TrainState, batches: Any, *, graphdef: nnx.Gr
   Returns:
     The new state; `state` itself when `batches` is empty.
   """
-  stats_fn = jax.jit(functools.partial(batch_statistics, graphdef=graphdef),
-                     in_shardings=(parallel.replicated_sharding(mesh), parallel.replicated_sharding(mesh),
-                                   parallel.data_sharding(mesh)),
-                     out_shardings=parallel.replicated_sharding(mesh))
+  stats_fn = _jit_batch_statistics(graphdef, mesh)
   total, count = None, 0
   for host_batch in batches:
     image = pipeline.to_global({"image": host_batch["image"]}, mesh)["image"]
