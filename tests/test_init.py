@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
 import pytest
@@ -51,8 +49,7 @@ def test_unknown_backbone_init_is_refused():
 
 def _torchvision_file(tmp_path, source: nnx.Module, **replace) -> str:
   """A torchvision-layout ImageNet ResNet file made from `source`'s backbone (plus the classifier torchvision has)."""
-  state = {k: v for k, v in convert.to_torch_state_dict(source).items()
-           if re.match(r"(conv1|bn1|layer\d)\.", k)}
+  state = {k: v for k, v in convert.to_torch_state_dict(source).items() if convert.BACKBONE_KEY.match(k)}
   state.update({"fc.weight": np.zeros((1000, 512), np.float32), "fc.bias": np.zeros((1000,), np.float32)}, **replace)
   path = tmp_path / "resnet18_imagenet.npz"
   np.savez(path, **state)
