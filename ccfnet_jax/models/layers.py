@@ -46,7 +46,34 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
       in_features, out_features, (kernel_size, kernel_size), strides=(stride, stride),
       padding=symmetric_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation), use_bias=use_bias,
       dtype=dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(stddev=CONV_INIT_STD),
-      bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+      bias_init=nnx.initializers.zeros_init(), conv_general_dilated=conv_general_dilated, rngs=rngs)
+
+
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Any, padding: Any, lhs_dilation: Any = None,
+                         rhs_dilation: Any = None, dimension_numbers: Any = None, feature_group_count: int = 1,
+                         precision: Any = None, **kwargs: Any) -> jnp.ndarray:
+  """`jax.lax.conv_general_dilated`, except that an unpadded 1x1 NHWC conv is computed as a 2-D matrix product.
+
+  The same function (`y[b, i, j] = x[b, s*i, s*j] @ kernel[0, 0]`), but XLA:CPU runs the product form 1.5-4x faster
+  than its convolution kernels, forward and backward (ResNet-50 bottlenecks are mostly 1x1 convs). Everything else,
+  and any call with `kwargs` (sharding, preferred element type), goes to `jax.lax.conv_general_dilated` unchanged.
+  """
+  pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and not kwargs.get(
+      "preferred_element_type") and kwargs.get("out_sharding") is None
+               and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO
+               and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+               and (padding == "VALID" or tuple(map(tuple, padding)) == ((0, 0), (0, 0))))
+  if not pointwise:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision, **kwargs)
+  sh, sw = window_strides
+  x = lhs if (sh, sw) == (1, 1) else lhs[:, ::sh, ::sw, :]
+  c, out = rhs.shape[2:]
+  y = jnp.matmul(x.reshape(-1, c), rhs.reshape(c, out), precision=precision)  # -1: the batch may be symbolic (export)
+  return y.reshape(*x.shape[:-1], out)
 
 
 def kaiming_normal_fan_out(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jnp.ndarray:
