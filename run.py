@@ -15,6 +15,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "XLA devices a CPU host is split into, the batch data-parallel over them (0: one per core that "
+    "divides the batch sizes, in single-process runs; 1: JAX's single CPU device). GPUs and TPUs are not affected.")
 
 
 def main(argv: list[str]) -> None:
@@ -22,12 +25,15 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v 0 shows it.
     logging.set_verbosity(logging.WARNING)
-  parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed = parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = _CONFIG.value
+  if _CPU_DEVICES.value or not distributed:
+    parallel.configure_cpu_devices(_CPU_DEVICES.value, (config.batch_size, config.eval_batch_size or config.batch_size))
   import jax  # pylint: disable=g-import-not-at-top
   from ccfnet_jax import train  # pylint: disable=g-import-not-at-top
 
   logging.info("process %d / %d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

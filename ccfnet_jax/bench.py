@@ -1,7 +1,11 @@
 """Benchmark of the training step, inference, decode and the input pipeline: one JSON line per measurement.
 
     python -m ccfnet_jax.bench --config=configs/r18_msc.py [--batch=2] [--image_size=512] [--dtype=bfloat16] \
-        [--steps=10] [--measure=compile,train,infer,decode,pipeline,memory[,folds]] [--num_devices=N]
+        [--steps=10] [--measure=compile,train,infer,decode,pipeline,memory[,folds]] [--num_devices=N] \
+        [--cpu_devices=N]
+
+On a CPU host the batch is split over one XLA device per core (`--cpu_devices`, as `run.py` does: see
+`parallel.configure_cpu_devices`); `--cpu_devices=1` times JAX's single CPU device.
 
 What is timed is what trains: the jitted train and eval steps of `ccfnet_jax.train` (`train.jit_steps`: forward,
 loss, backward and the AdamW update with on-device augmentation, the state donated), on one synthetic batch that stays
@@ -59,6 +63,8 @@ _MEASURE = flags.DEFINE_list("measure", list(MEASUREMENTS),
 _FOLDS = flags.DEFINE_integer("folds", 4, "Folds stacked by the optional `folds` measurement.")
 _PIPELINE_STUDIES = flags.DEFINE_integer("pipeline_studies", 8, "Phantom studies held in memory for the pipeline.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the data-parallel mesh (0: all).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py (0: one "
+                                    "per core that divides --batch; 1: JAX's single CPU device).")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Run the config's on-device augmentation inside the train step.")
 
 
@@ -316,6 +322,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
+  parallel.configure_cpu_devices(_CPU_DEVICES.value, (_BATCH.value,))
   run(_CONFIG.value, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
       warmup=_WARMUP.value, measure=_MEASURE.value, augment=_AUGMENT.value, pipeline_studies=_PIPELINE_STUDIES.value,
       num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "")

@@ -8,7 +8,9 @@ a sharded array) are computed over the GLOBAL batch.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +65,50 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   logging.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+_XLA_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = ()) -> int:
+  """Splits the host CPU into several XLA devices, so that a CPU run is data-parallel over its cores.
+
+  XLA:CPU runs one program on one device with intra-op threads, and on 2 cores that reached 1.78x one core; the
+  same global batch split over one device per core trains 9 % (R18-MSC, batch 2 at 512 px) to 29 % (batch 8 at
+  256 px) faster. The math is the same program: BatchNorm statistics and the gradient stay global (module
+  docstring), only the order of float additions changes. Accelerator backends are not affected (the setting is the
+  CPU client's), so it is safe to call on every machine, but it must run before anything starts a JAX backend.
+
+  Args:
+    requested: devices to make; 0 chooses: the largest count <= `usable_cores()` that divides every batch size in
+      `batch_sizes` (1 where none does), single-process runs only.
+    batch_sizes: the global batch sizes the mesh must split evenly (train and eval).
+
+  Returns:
+    The number of CPU devices set, or 0 where this left JAX alone: XLA_FLAGS already sets
+    `--xla_force_host_platform_device_count` (the user's choice wins), or `requested` is 0 in a multi-process run.
+  """
+  if requested < 0:
+    raise ValueError(f"cpu_devices = {requested}: expected 0 (one per core that divides the batch) or a count >= 1")
+  if _XLA_DEVICE_COUNT_FLAG.search(os.environ.get("XLA_FLAGS", "")):
+    return 0
+  count = requested
+  if not count:
+    if _multi_process_environment():
+      return 0
+    common = math.gcd(*batch_sizes) if batch_sizes else 1
+    count = max(d for d in range(1, usable_cores() + 1) if common % d == 0)
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as e:
+    raise RuntimeError(f"cpu_devices = {count}: JAX has already started a backend, so the CPU can no longer be "
+                       "split; call parallel.configure_cpu_devices first") from e
+  return count
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
