@@ -361,7 +361,11 @@ def eval_state(model: nnx.Module) -> tuple[nnx.GraphDef, train.TrainState]:
                                     opt_state=())
 
 
-def default_batch_size(mesh: jax.sharding.Mesh, per_device: int = 1, minimum: int = 8) -> int:
+DEFAULT_BATCH_SIZE = 8
+"""Inference's batch where none is asked for (raised to a multiple of the data shards)."""
+
+
+def default_batch_size(mesh: jax.sharding.Mesh, per_device: int = 1, minimum: int = DEFAULT_BATCH_SIZE) -> int:
   """The smallest multiple of the mesh's data shards that is >= max(minimum, shards * per_device)."""
   shards = parallel.num_data_shards(mesh)
   wanted = max(minimum, shards * per_device)

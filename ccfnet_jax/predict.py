@@ -51,7 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ccfnet_jax import __version__, inference, objects
+from ccfnet_jax import __version__, inference, objects, parallel
 from ccfnet_jax.data import annotations as annotations_lib
 from ccfnet_jax.data import dicom, errors, pipeline, render
 from ccfnet_jax.data.errors import StudyError
@@ -330,6 +330,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", None, "Global batch size (a multiple of the device count; default 8 or the "
                        "device count).")
   flags.DEFINE_integer("num_threads", 4, "Threads reading DICOM files.")
+  flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py (0: one per core that "
+                       "divides the batch size; 1: JAX's single CPU device).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -338,6 +340,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  parallel.configure_cpu_devices(FLAGS.cpu_devices, (FLAGS.batch_size or inference.DEFAULT_BATCH_SIZE,))
   loaded = inference.load_model_from_flags()
   predictor = inference.Predictor(loaded.model, image_size=loaded.image_size, flip_tta=loaded.flip_tta,
                                   batch_size=FLAGS.batch_size)
