@@ -2,7 +2,7 @@
 
     python -m ccfnet_jax.bench --config=configs/r18_msc.py [--batch=2] [--image_size=512] [--dtype=bfloat16] \
         [--steps=10] [--measure=compile,train,infer,decode,pipeline,memory[,folds]] [--num_devices=N] \
-        [--cpu_devices=N]
+        [--cpu_devices=N] [--profile=DIR [--profile_top=25]]
 
 On a CPU host the batch is split over one XLA device per core (`--cpu_devices`, as `run.py` does: see
 `parallel.configure_cpu_devices`); `--cpu_devices=1` times JAX's single CPU device.
@@ -21,7 +21,9 @@ pipeline on in-memory phantom studies: read, resize to `image_size`, batch; `ccf
 device-augmentation and combined figures ride along on the line), `peak_memory_bytes` (device
 `memory_stats()['peak_bytes_in_use']` where the backend reports it, else the process's peak host RSS). Optional
 `folds` (`--folds=4`): the stacked train step of `ccfnet_jax.parallel_folds`
-(`folds_compile_s`, `folds_train_images_per_s`, `folds_speedup` against the single-fold step). Each line also
+(`folds_compile_s`, `folds_train_images_per_s`, `folds_speedup` against the single-fold step). `--profile=DIR`
+traces the train step and prints its slowest ops (`op_ms`) and their sums by pass and by primitive (`op_ms_by_pass`,
+`op_ms_by_kind`): see `ccfnet_jax.op_profile`. Each line also
 carries the config name, batch, image size, dtype, device kind, the number of devices and `XLA_FLAGS`.
 """
 
@@ -44,7 +46,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ccfnet_jax import bench_pipeline
-from ccfnet_jax import decode, losses, objects, parallel, parallel_folds, train
+from ccfnet_jax import decode, losses, objects, op_profile, parallel, parallel_folds, train
 from ccfnet_jax.data import pipeline
 from ccfnet_jax.maps import Maps
 
@@ -66,6 +68,9 @@ _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the data-paral
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py (0: one "
                                     "per core that divides --batch; 1: JAX's single CPU device).")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Run the config's on-device augmentation inside the train step.")
+_PROFILE = flags.DEFINE_string("profile", "", "Also trace --steps train steps into this folder and print the slowest "
+                               "ops (`op_ms` lines, ccfnet_jax.op_profile).")
+_PROFILE_TOP = flags.DEFINE_integer("profile_top", 25, "How many of the slowest ops --profile prints.")
 
 
 def emit(metric: str, value: float, unit: str, context: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -93,8 +98,12 @@ def spread(seconds: Sequence[float]) -> dict[str, float]:
   return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "n": len(seconds)}
 
 
-def xla_flops(compiled: Any) -> float | None:
-  """FLOPs of one call of a compiled jax function from XLA's cost analysis (None when the backend gives none)."""
+def xla_flops(compiled: Any, num_partitions: int = 1) -> float | None:
+  """FLOPs of one call of a compiled jax function from XLA's cost analysis (None when the backend gives none).
+
+  XLA analyses the SPMD-partitioned module, i.e. one device's share: `num_partitions` (the devices of a data-parallel
+  mesh) scales it back to the whole call.
+  """
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  (not every backend implements it)
@@ -103,7 +112,7 @@ def xla_flops(compiled: Any) -> float | None:
     analysis = analysis[0] if analysis else None
   if not analysis or "flops" not in analysis:
     return None
-  return float(analysis["flops"])
+  return float(analysis["flops"]) * num_partitions
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -198,8 +207,31 @@ def build_steps(config: Any, *, batch_size: int, image_size: int, dtype: str = "
   compile_s = time.perf_counter() - started
   return Steps(compiled_train=compiled, jit_eval=jit_eval, state=state, train_batch=train_batch,
                eval_batch=eval_batch, settings=settings, label=train.model_label(config), compile_s=compile_s,
-               flops=xla_flops(compiled), mesh=mesh,
+               flops=xla_flops(compiled, mesh.devices.size), mesh=mesh,
                step_kwargs={"graphdef": train_graphdef, "tx": tx, "schedule": schedule, "settings": settings})
+
+
+def profile_train_step(setup: Steps, state: Any, *, steps: int, trace_dir: str, top: int,
+                       context: dict[str, Any]) -> list[dict[str, Any]]:
+  """Traces `steps` train steps (`op_profile.profile`) and prints the `top` slowest ops and two summaries.
+
+  Lines: `op_ms` (one op: ms per step and device, with its HLO name, shape, JAX op_name, pass and kind),
+  `op_ms_by_pass` and `op_ms_by_kind` (the sums over all ops, in `by`). `state` is not donated: it stays valid.
+  """
+  holder = {"state": jax.tree.map(jnp.copy, state)}
+
+  def one_step():
+    holder["state"], scalars = setup.compiled_train(holder["state"], setup.train_batch)
+    return scalars
+
+  rows = op_profile.profile(one_step, setup.compiled_train.as_text(), steps=steps, trace_dir=trace_dir,
+                            devices=parallel.num_data_shards(setup.mesh))
+  total = sum(row["ms"] for row in rows)
+  lines = [emit("op_ms", row["ms"], "ms", context, share=row["ms"] / total if total else 0.0,
+                **{k: v for k, v in row.items() if k != "ms"}) for row in rows[:top]]
+  for key in ("pass", "kind"):
+    lines.append(emit(f"op_ms_by_{key}", total, "ms", context, by=op_profile.summarize(rows, key), trace_dir=trace_dir))
+  return lines
 
 
 def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: int, warmup: int, context: dict[str, Any],
@@ -242,7 +274,8 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
 
 def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int, warmup: int,
         measure: Sequence[str] = MEASUREMENTS, augment: bool = True, pipeline_studies: int = 8,
-        num_devices: int = 0, num_folds: int = 4, config_name: str = "") -> list[dict[str, Any]]:
+        num_devices: int = 0, num_folds: int = 4, config_name: str = "", profile_dir: str = "",
+        profile_top: int = 25) -> list[dict[str, Any]]:
   """Runs the chosen measurements on `config` (an `ml_collections.ConfigDict` of `configs/`) and prints them.
 
   Returns:
@@ -286,6 +319,10 @@ def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int
       lines.append(emit("flops_per_step", flops, "FLOP", context, what="XLA cost analysis of the train step"))
       lines.append(emit("achieved_flops_per_s", flops / median, "FLOP/s", context))
 
+  if profile_dir:
+    lines.extend(profile_train_step(setup, state, steps=steps, trace_dir=profile_dir, top=profile_top,
+                                    context=context))
+
   if "infer" in measure:
     seconds = time_calls(lambda: jit_eval(state, eval_batch), steps, warmup)
     lines.append(emit("infer_images_per_s", batch_size / statistics.median(seconds), "images/s", context,
@@ -325,7 +362,8 @@ def main(argv: list[str]) -> None:
   parallel.configure_cpu_devices(_CPU_DEVICES.value, (_BATCH.value,))
   run(_CONFIG.value, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
       warmup=_WARMUP.value, measure=_MEASURE.value, augment=_AUGMENT.value, pipeline_studies=_PIPELINE_STUDIES.value,
-      num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "")
+      num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "",
+      profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,24 @@ def test_synthetic_batch_follows_the_pipeline_contract():
   assert batch["points_xy"].shape == (3, 11, 2) and batch["point_valid"].all()
   assert ((batch["points_xy"] > 0) & (batch["points_xy"] < 128)).all()
   assert set(batch["disease"].ravel().tolist()) <= {0, 1}
+
+
+def test_flops_count_the_whole_step_on_a_data_parallel_mesh():
+  # XLA's cost analysis sees one device's share of an SPMD step; the line must give the whole step's FLOPs.
+  config = tiny_training.tiny_config()
+  one, four = (bench.build_steps(config, batch_size=8, image_size=128, augment=False, num_devices=n).flops
+               for n in (1, 4))
+  assert four == pytest.approx(one, rel=0.05)
+
+
+def test_profile_lines_name_the_slowest_ops(tmp_path):
+  config = tiny_training.tiny_config()
+  lines = bench.run(config, batch_size=8, image_size=128, dtype="float32", steps=1, warmup=0, measure=["train"],
+                    num_devices=2, profile_dir=str(tmp_path / "trace"), profile_top=5)
+  ops = [line for line in lines if line["metric"] == "op_ms"]
+  assert 1 <= len(ops) <= 5 and [o["value"] for o in ops] == sorted((o["value"] for o in ops), reverse=True)
+  assert {"op", "kind", "pass", "shape", "share"} <= set(ops[0])
+  summary = {line["metric"]: line for line in lines if line["metric"].startswith("op_ms_by_")}
+  assert set(summary) == {"op_ms_by_pass", "op_ms_by_kind"}
+  assert sum(summary["op_ms_by_kind"]["by"].values()) == pytest.approx(summary["op_ms_by_kind"]["value"])
+  assert "convolution" in summary["op_ms_by_kind"]["by"] and "forward" in summary["op_ms_by_pass"]["by"]
