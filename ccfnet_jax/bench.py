@@ -63,6 +63,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones
 _MEASURE = flags.DEFINE_list("measure", list(MEASUREMENTS),
                               f"Which measurements to run, of {MEASUREMENTS + OPTIONAL_MEASUREMENTS}.")
 _FOLDS = flags.DEFINE_integer("folds", 4, "Folds stacked by the optional `folds` measurement.")
+_FOLD_BATCHING = flags.DEFINE_enum("fold_batching", "", ["", *parallel_folds.FOLD_BATCHING],
+                                   "How the `folds` measurement stacks the folds (default: the platform's).")
 _PIPELINE_STUDIES = flags.DEFINE_integer("pipeline_studies", 8, "Phantom studies held in memory for the pipeline.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the data-parallel mesh (0: all).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py (0: one "
@@ -235,11 +237,12 @@ def profile_train_step(setup: Steps, state: Any, *, steps: int, trace_dir: str, 
 
 
 def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: int, warmup: int, context: dict[str, Any],
-                          single_step_s: float | None = None) -> list[dict[str, Any]]:
+                          single_step_s: float | None = None, fold_batching: str = "") -> list[dict[str, Any]]:
   """Times `parallel_folds`' stacked train step: `num_folds` copies of `state` (live, not donated) and the batch.
 
   Prints `folds_compile_s`, `folds_train_images_per_s` (all folds' images per second) and, when the single-fold
   step's median `single_step_s` is given, `folds_speedup` = (num_folds * single step time) / stacked step time.
+  `fold_batching` is one of `parallel_folds.FOLD_BATCHING` ("": the platform's default).
   """
 
   if num_folds < 1:
@@ -250,7 +253,8 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
   batches = parallel_folds.stacked_to_global([host] * num_folds, mesh)
   fold_ids = parallel.replicate(np.arange(num_folds, dtype=np.int32), mesh)
   pos_weights = parallel.replicate(np.tile(np.asarray(setup.settings.pos_weight, np.float32), (num_folds, 1)), mesh)
-  jitted = parallel_folds.jit_stacked_train_step(mesh, **setup.step_kwargs)
+  batching = fold_batching or parallel_folds.default_fold_batching(mesh)
+  jitted = parallel_folds.jit_stacked_train_step(mesh, batching=batching, **setup.step_kwargs)
   started = time.perf_counter()
   compiled = jitted.lower(states, batches, fold_ids, pos_weights).compile()
   compile_s = time.perf_counter() - started
@@ -263,7 +267,7 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
   seconds = time_calls(one_step, steps, warmup)
   median = statistics.median(seconds)
   batch_size = int(context["batch"])
-  context = {**context, "folds": num_folds}
+  context = {**context, "folds": num_folds, "fold_batching": batching}
   lines = [emit("folds_compile_s", compile_s, "s", context),
            emit("folds_train_images_per_s", num_folds * batch_size / median, "images/s", context, **spread(seconds))]
   if single_step_s is not None:
@@ -275,7 +279,7 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
 def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int, warmup: int,
         measure: Sequence[str] = MEASUREMENTS, augment: bool = True, pipeline_studies: int = 8,
         num_devices: int = 0, num_folds: int = 4, config_name: str = "", profile_dir: str = "",
-        profile_top: int = 25) -> list[dict[str, Any]]:
+        profile_top: int = 25, fold_batching: str = "") -> list[dict[str, Any]]:
   """Runs the chosen measurements on `config` (an `ml_collections.ConfigDict` of `configs/`) and prints them.
 
   Returns:
@@ -347,7 +351,8 @@ def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int
 
   if "folds" in measure:
     lines.extend(measure_stacked_folds(setup, state, num_folds, steps=steps, warmup=warmup, context=context,
-                                       single_step_s=median if "train" in measure else None))
+                                       single_step_s=median if "train" in measure else None,
+                                       fold_batching=fold_batching))
 
   if "memory" in measure:
     peak, source = peak_memory_bytes()
@@ -363,7 +368,7 @@ def main(argv: list[str]) -> None:
   run(_CONFIG.value, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
       warmup=_WARMUP.value, measure=_MEASURE.value, augment=_AUGMENT.value, pipeline_studies=_PIPELINE_STUDIES.value,
       num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "",
-      profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value)
+      profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value, fold_batching=_FOLD_BATCHING.value)
 
 
 if __name__ == "__main__":

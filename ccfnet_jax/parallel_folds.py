@@ -2,7 +2,8 @@
 
 The model is small and the data tiny, so one fold's step leaves an accelerator mostly idle. Here the folds' train
 states (parameters, BatchNorm statistics, optimizer states; `train.TrainState`) are stacked along a leading fold
-axis `[F, ...]` and `train.train_step` -- the same pure step that trains one fold -- is `jax.vmap`ped over it. Each
+axis `[F, ...]` and `train.train_step` -- the same pure step that trains one fold -- is `jax.vmap`ped over it (on
+accelerators; on CPU the folds' steps are unrolled side by side in the program: `default_fold_batching`). Each
 fold keeps everything it has when trained alone: its own model initialisation (from (seed, fold)), its own data
 stream (`pipeline.train_dataset` with the fold's seed; one batch per fold per step, stacked to `[F, B, ...]`), its own
 augmentation keys (from (seed, fold, step)) and its own BCE `pos_weight` (from its training labels). So fold k's
@@ -93,31 +94,58 @@ def fold_train_step(state: train.TrainState, batch: Mapping[str, jax.Array], fol
   return train.train_step(state, batch, graphdef=graphdef, tx=tx, schedule=schedule, settings=fold_settings)
 
 
-def stacked_train_step(states: train.TrainState, batches: Mapping[str, jax.Array], folds: jax.Array,
-                       pos_weights: jax.Array, **step_kwargs: Any) -> tuple[train.TrainState, dict[str, jax.Array]]:
-  """One optimizer step of every fold: `fold_train_step` vmapped over the leading fold axis.
+FOLD_BATCHING = ("vmap", "unroll")
+"""How the stacked step runs the folds: `vmap` (each conv becomes one grouped conv over the folds: bigger kernels,
+which fill an accelerator) or `unroll` (the folds' steps side by side in the one program, each with its own convs)."""
 
-  Each conv becomes a grouped conv over the folds: more work per kernel launch, which fills an accelerator. (On
-  XLA:CPU grouped convs are slower than the folds' convs one by one; `jax.lax.map` over the folds was slower still,
-  ~25x, so it is not offered.)
+
+def default_fold_batching(mesh: jax.sharding.Mesh) -> str:
+  """`unroll` on CPU devices, `vmap` elsewhere.
+
+  XLA:CPU runs grouped convs far slower than the same convs one by one (the vmapped R18-MSC step of 4 folds at
+  256 px, batch 8 took 7.8x the time of 4 single-fold steps on 2 cores); unrolled, the CPU does the folds' work at
+  the single-fold speed. (`jax.lax.map` over the folds was slower still, ~25x, so it is not offered.)
+  """
+  return "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
+
+
+def stacked_train_step(states: train.TrainState, batches: Mapping[str, jax.Array], folds: jax.Array,
+                       pos_weights: jax.Array, *, batching: str = "vmap",
+                       **step_kwargs: Any) -> tuple[train.TrainState, dict[str, jax.Array]]:
+  """One optimizer step of every fold: `fold_train_step` over the leading fold axis, vmapped or unrolled.
 
   Args:
     states: TrainState with leaves `[F, ...]`.
     batches: the batch contract with a leading fold axis, e.g. `image [F, B, S, S, 3]`.
     folds: int32 `[F]` fold indices (they pick the augmentation keys). pos_weights: float32 `[F, 2]`.
+    batching: one of `FOLD_BATCHING` (the same results up to float rounding; see `default_fold_batching`).
     **step_kwargs: graphdef, tx, schedule, settings (as `train.train_step`).
   Returns:
     (new stacked states, scalars each `[F]`).
   """
-  return jax.vmap(lambda s, b, f, w: fold_train_step(s, b, f, w, **step_kwargs))(states, batches, folds, pos_weights)
+  def one(s, b, f, w):
+    return fold_train_step(s, b, f, w, **step_kwargs)
+
+  if batching == "vmap":
+    return jax.vmap(one)(states, batches, folds, pos_weights)
+  if batching != "unroll":
+    raise ValueError(f"fold batching {batching!r}: expected one of {FOLD_BATCHING}")
+  take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)  # pylint: disable=unnecessary-lambda-assignment
+  outputs = [one(take(states, k), take(batches, k), folds[k], pos_weights[k]) for k in range(folds.shape[0])]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
 
-def jit_stacked_train_step(mesh: jax.sharding.Mesh, **step_kwargs: Any) -> Callable[..., Any]:
-  """`stacked_train_step` jitted on `mesh`: states replicated and donated, batches `[F, B, ...]` split on "data"."""
+def jit_stacked_train_step(mesh: jax.sharding.Mesh, *, batching: str | None = None,
+                           **step_kwargs: Any) -> Callable[..., Any]:
+  """`stacked_train_step` jitted on `mesh`: states replicated and donated, batches `[F, B, ...]` split on "data".
+
+  `batching` defaults to `default_fold_batching(mesh)`.
+  """
   replicated = parallel.replicated_sharding(mesh)
+  batching = batching or default_fold_batching(mesh)
 
   def step(states, batches, folds, pos_weights):
-    return stacked_train_step(states, batches, folds, pos_weights, **step_kwargs)
+    return stacked_train_step(states, batches, folds, pos_weights, batching=batching, **step_kwargs)
 
   return jax.jit(step, in_shardings=(replicated, stacked_data_sharding(mesh), replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
@@ -226,7 +254,8 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
   replicated = parallel.replicated_sharding(mesh)
   fold_ids = parallel.replicate(np.asarray(folds, np.int32), mesh)
   pos_weights = parallel.replicate(np.asarray([f.pos_weight for f in fold_infos], np.float32), mesh)
-  jit_train = jit_stacked_train_step(mesh, graphdef=train_graphdef, tx=tx, schedule=schedule, settings=settings)
+  jit_train = jit_stacked_train_step(mesh, batching=config.get("fold_batching", "") or None, graphdef=train_graphdef,
+                                     tx=tx, schedule=schedule, settings=settings)
   # The eval step reads only image_size, stride and flip_tta from the settings: one compiled step serves every fold.
   _, jit_eval = train.jit_steps(mesh, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, tx=tx,
                                 schedule=schedule, settings=settings)

@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.backbone_init = "kaiming"
   config.model.pretrained = ""  # a torchvision ImageNet ResNet (.pth / .npz) copied into the backbone (SPEC §2)
   config.parallel_folds = False  # fold=all: True trains the folds together in one jit program (vmap)
+  config.fold_batching = ""  # with parallel_folds: "vmap" or "unroll" ("": unroll on CPU, vmap on accelerators)
   config.mixed_precision = False  # True: bfloat16 compute, float32 parameters and optimizer state
 
   # Loss and augmentation.

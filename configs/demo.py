@@ -6,7 +6,7 @@ Builds a phantom set of 96 studies on first use, trains on three folds (72 studi
 held-out fold (24 studies). Short-schedule choices, so that a model without ImageNet weights localises the points
 within a few hundred steps: 350 steps, learning rate 1e-3 with one cosine to 5e-5, and only the intensity
 augmentation (the reference's rotation, shift, zoom, flip, bias field and point jitter slow such a short run down;
-`r18_msc.py` has them all). About 7 minutes on two idle CPU cores. The phantom is synthetic: its numbers show the code learns, not that a model knows real anatomy.
+`r18_msc.py` has them all). About 5.5 minutes on two idle CPU cores. The phantom is synthetic: its numbers show the code learns, not that a model knows real anatomy.
 """
 
 from configs import default

@@ -57,13 +57,15 @@ def _restore_params(config, fold_dir: str, step: int):
   return jax.tree.map(np.asarray, (state.params, state.batch_stats))
 
 
-def test_parallel_folds_match_sequential_training(phantom_dir, tmp_path):
+@pytest.mark.parametrize("batching", parallel_folds.FOLD_BATCHING)
+def test_parallel_folds_match_sequential_training(phantom_dir, tmp_path, batching):
   # Augmentation on (reference values) and a learning rate that moves the parameters: each fold must get its own
   # initialisation, data stream, augmentation keys and pos_weight for the two runs to agree. Two folds (not four)
   # keep the test fast: each sequential fold compiles its own step (its pos_weight is a compile-time constant); the
   # stacked code path is the same for any number of folds.
   config = tiny_training.tiny_config(batch_size=2, eval_batch_size=4, phantom_studies=NUM_STUDIES,
                                      num_steps=STEPS, eval_every_steps=2, data_dir=phantom_dir, fold="0,1")
+  config.fold_batching = batching  # vmap (accelerators' default) and unroll (CPU's) must both match
   folds = train.parse_folds(config.fold, config.num_folds)
   mesh = parallel.make_mesh(jax.devices()[:2])  # batch 2 split over 2 devices: the stacked batch is sharded too
   sequential_dir, parallel_dir = str(tmp_path / "sequential"), str(tmp_path / "parallel")
