@@ -15,6 +15,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", parallel.DEFAULT_COMPILATION_CACHE, "JAX's persistent compilation cache: resumed and repeated "
+    "runs load their compiled steps from here ('' turns it off; JAX_COMPILATION_CACHE_DIR, where set, wins).")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "XLA devices a CPU host is split into, the batch data-parallel over them (0: one per core that "
     "divides the batch sizes, in single-process runs; 1: JAX's single CPU device). GPUs and TPUs are not affected.")
@@ -29,6 +32,7 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if _CPU_DEVICES.value or not distributed:
     parallel.configure_cpu_devices(_CPU_DEVICES.value, (config.batch_size, config.eval_batch_size or config.batch_size))
+  parallel.enable_compilation_cache(_COMPILATION_CACHE.value)
   import jax  # pylint: disable=g-import-not-at-top
   from ccfnet_jax import train  # pylint: disable=g-import-not-at-top
 
