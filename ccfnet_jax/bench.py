@@ -13,8 +13,10 @@ on the device (so the input pipeline is measured on its own, `pipeline_images_pe
 `jax.block_until_ready`; a figure is the median over `--steps` timed calls after `--warmup` untimed ones, and the
 line also gives the fastest and slowest call so the noise can be read off.
 
-Lines (key `metric`): `compile_s` (lowering + XLA compile of the train step), `train_images_per_s`,
-`train_step_ms`, `flops_per_step` (XLA cost analysis of the compiled train step), `achieved_flops_per_s`,
+Lines (key `metric`): `compile_s` (lowering + XLA compile of the train step), `matmul_flops_per_s` (one device on an
+N x N matrix product in `--dtype`, `--matmul_size`), `train_images_per_s`, `train_step_ms`, `flops_per_step` (XLA
+cost analysis of the compiled train step, all devices), `achieved_flops_per_s`, `mfu` (achieved over the measured
+matmul rate, times the devices on accelerators; a host's CPU devices share its cores),
 `infer_images_per_s` (eval mode, flip TTA, decode and the mapping back to native pixels: `train.eval_step`),
 `decode_us_per_batch` (`decode.decode` alone on maps of the batch's size), `pipeline_images_per_s` (the host Grain
 pipeline on in-memory phantom studies: read, resize to `image_size`, batch; `ccfnet_jax.bench_pipeline`, whose
@@ -50,7 +52,7 @@ from ccfnet_jax import decode, losses, objects, op_profile, parallel, parallel_f
 from ccfnet_jax.data import pipeline
 from ccfnet_jax.maps import Maps
 
-MEASUREMENTS: tuple[str, ...] = ("compile", "train", "infer", "decode", "pipeline", "memory")
+MEASUREMENTS: tuple[str, ...] = ("compile", "matmul", "train", "infer", "decode", "pipeline", "memory")
 OPTIONAL_MEASUREMENTS: tuple[str, ...] = ("folds",)
 """Not run by default: `folds` times the stacked train step of `ccfnet_jax.parallel_folds` over `--folds` folds."""
 
@@ -69,6 +71,8 @@ _PIPELINE_STUDIES = flags.DEFINE_integer("pipeline_studies", 8, "Phantom studies
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 0, "Devices of the data-parallel mesh (0: all).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py (0: one "
                                     "per core that divides --batch; 1: JAX's single CPU device).")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 0, "Side N of the N x N matrix product timed for the MFU "
+                                    "reference (0: 8192 on accelerators, 2048 on CPU).")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Run the config's on-device augmentation inside the train step.")
 _PROFILE = flags.DEFINE_string("profile", "", "Also trace --steps train steps into this folder and print the slowest "
                                "ops (`op_ms` lines, ccfnet_jax.op_profile).")
@@ -115,6 +119,23 @@ def xla_flops(compiled: Any, num_partitions: int = 1) -> float | None:
   if not analysis or "flops" not in analysis:
     return None
   return float(analysis["flops"]) * num_partitions
+
+
+def matmul_flops_per_s(size: int, dtype: str, *, steps: int, warmup: int,
+                       device: jax.Device | None = None) -> tuple[float, list[float]]:
+  """FLOP/s of one device on an N x N x N matrix product in `dtype` (2 N^3 FLOPs a call), and the call seconds.
+
+  The measured reference for the model FLOP utilisation (`mfu` = achieved FLOP/s of the train step over this rate
+  times the mesh's devices): what the device reaches on the work it does best, in the step's own dtype.
+  """
+  if size < 1:
+    raise ValueError(f"matmul size {size}: expected >= 1")
+  device = device or jax.devices()[0]
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32).astype(dtype), device) for k in keys)
+  product = jax.jit(jnp.matmul)
+  seconds = time_calls(lambda: product(a, b), steps, max(warmup, 1))
+  return 2.0 * size ** 3 / statistics.median(seconds), seconds
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -279,7 +300,7 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
 def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int, warmup: int,
         measure: Sequence[str] = MEASUREMENTS, augment: bool = True, pipeline_studies: int = 8,
         num_devices: int = 0, num_folds: int = 4, config_name: str = "", profile_dir: str = "",
-        profile_top: int = 25, fold_batching: str = "") -> list[dict[str, Any]]:
+        profile_top: int = 25, fold_batching: str = "", matmul_size: int = 0) -> list[dict[str, Any]]:
   """Runs the chosen measurements on `config` (an `ml_collections.ConfigDict` of `configs/`) and prints them.
 
   Returns:
@@ -307,6 +328,13 @@ def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int
   if "compile" in measure:
     lines.append(emit("compile_s", compile_s, "s", context, what="train step: lower + XLA compile"))
 
+  matmul_rate = None
+  if "matmul" in measure:
+    size = matmul_size or (2048 if device.platform == "cpu" else 8192)
+    matmul_rate, seconds = matmul_flops_per_s(size, dtype, steps=max(steps, 5), warmup=warmup, device=device)
+    lines.append(emit("matmul_flops_per_s", matmul_rate, "FLOP/s", context, size=size, **spread(seconds),
+                      what="one device, N x N x N product in --dtype: the MFU reference"))
+
   if "train" in measure:
     holder = {"state": state}
 
@@ -322,6 +350,11 @@ def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int
     if flops is not None:
       lines.append(emit("flops_per_step", flops, "FLOP", context, what="XLA cost analysis of the train step"))
       lines.append(emit("achieved_flops_per_s", flops / median, "FLOP/s", context))
+      if matmul_rate:
+        # Accelerators add up; CPU devices are slices of the same cores, whose product above already used them all.
+        reference = matmul_rate * (1 if device.platform == "cpu" else int(setup.mesh.devices.size))
+        lines.append(emit("mfu", flops / median / reference, "fraction", context, reference_flops_per_s=reference,
+                          what="achieved FLOP/s / measured matmul FLOP/s (x devices on accelerators)"))
 
   if profile_dir:
     lines.extend(profile_train_step(setup, state, steps=steps, trace_dir=profile_dir, top=profile_top,
@@ -368,7 +401,8 @@ def main(argv: list[str]) -> None:
   run(_CONFIG.value, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=_STEPS.value,
       warmup=_WARMUP.value, measure=_MEASURE.value, augment=_AUGMENT.value, pipeline_studies=_PIPELINE_STUDIES.value,
       num_devices=_NUM_DEVICES.value, num_folds=_FOLDS.value, config_name=os.path.basename(config_path) or "",
-      profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value, fold_batching=_FOLD_BATCHING.value)
+      profile_dir=_PROFILE.value, profile_top=_PROFILE_TOP.value, fold_batching=_FOLD_BATCHING.value,
+      matmul_size=_MATMUL_SIZE.value)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ccfnet_jax import bench
 EXPECTED = {
     "compile_s": "s", "train_images_per_s": "images/s", "train_step_ms": "ms", "flops_per_step": "FLOP",
     "achieved_flops_per_s": "FLOP/s", "infer_images_per_s": "images/s", "decode_us_per_batch": "us",
+    "matmul_flops_per_s": "FLOP/s", "mfu": "fraction",
     "pipeline_images_per_s": "images/s", "peak_memory_bytes": "bytes",
 }
 CONTEXT = ("config", "model", "batch", "image_size", "dtype", "device", "platform", "num_devices")
@@ -23,7 +24,7 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
   config = tiny_training.tiny_config()  # the tiny stand-in model at 128 px: compiles in seconds
   # Batch 8: the pipeline part shards its batches over all 8 test devices; the steps run on one device.
   returned = bench.run(config, batch_size=8, image_size=128, dtype="float32", steps=2, warmup=1,
-                       pipeline_studies=2, num_devices=1, config_name="tiny")
+                       pipeline_studies=2, num_devices=1, config_name="tiny", matmul_size=256)
   printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
   assert printed == returned
   by_metric = {line["metric"]: line for line in printed}
@@ -43,6 +44,10 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
   assert by_metric["train_step_ms"]["value"] == pytest.approx(1000 * train["median_s"])
   assert by_metric["achieved_flops_per_s"]["value"] == pytest.approx(
       by_metric["flops_per_step"]["value"] / train["median_s"])
+  matmul = by_metric["matmul_flops_per_s"]
+  assert matmul["size"] == 256 and matmul["value"] == pytest.approx(2 * 256 ** 3 / matmul["median_s"])
+  assert by_metric["mfu"]["value"] == pytest.approx(
+      by_metric["achieved_flops_per_s"]["value"] / matmul["value"])  # one device in this mesh
 
 
 def test_bench_rejects_unknown_measurements_and_bad_sizes():
