@@ -94,14 +94,43 @@ def reinitialize_convs(module: nnx.Module, key: jax.Array) -> int:
   return len(convs)
 
 
-def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.BatchNorm:
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` with the same variables, configuration and results, traced in linear rather than quadratic time.
+
+  In train mode nnx writes the running statistics with an indexed write, which compares the new value's `.sharding`;
+  on a tracer that attribute raises an error whose message is built by walking the whole trace so far. Over a
+  network that is quadratic: 50 of the 62 s HRNet-W32's train step took to trace (292 BatchNorm calls). Here train
+  mode computes what nnx computes -- batch statistics in float32 or wider (E[x^2] - E[x]^2 clipped at 0, over every
+  axis but the last), `(x - mean) * (rsqrt(var + eps) * scale) + bias` with them, the result in `dtype` -- and
+  assigns the running statistics whole. Eval mode, masks and other axes are nnx's own code.
+  """
+
+  def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None, *,
+               mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    running = self.use_running_average if use_running_average is None else use_running_average
+    if (running or mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
+        or self.scale is None or self.bias is None):
+      return super().__call__(x, use_running_average, mask=mask)
+    x, scale, bias = self.promote_dtype((x, self.scale.get_value(), self.bias.get_value()), dtype=self.dtype)
+    axes = tuple(range(x.ndim - 1))
+    xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xs.mean(axes)
+    var = jnp.maximum(0.0, jnp.square(xs).mean(axes) - jnp.square(mean))
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    m = self.momentum
+    self.mean.set_value(jax.lax.stop_gradient(m * self.mean.get_value() + (1 - m) * mean))
+    self.var.set_value(jax.lax.stop_gradient(m * self.var.get_value() + (1 - m) * var))
+    return y.astype(self.dtype or x.dtype)
+
+
+def batch_norm(num_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> BatchNorm:
   """`nn.BatchNorm2d(num_features)` over the last axis: eps 1e-5, PyTorch momentum 0.1, gamma 1, beta 0.
 
   Train mode normalises with the batch statistics and updates the running ones; eval mode (`model.eval()`) uses the
   running statistics. (PyTorch updates `running_var` with the unbiased batch variance, Flax with the biased one; eval
   outputs do not depend on this.)
   """
-  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+  return BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                        param_dtype=jnp.float32, rngs=rngs)
 
 
