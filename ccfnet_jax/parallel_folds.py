@@ -130,9 +130,8 @@ def stacked_train_step(states: train.TrainState, batches: Mapping[str, jax.Array
     return jax.vmap(one)(states, batches, folds, pos_weights)
   if batching != "unroll":
     raise ValueError(f"fold batching {batching!r}: expected one of {FOLD_BATCHING}")
-  take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)  # pylint: disable=unnecessary-lambda-assignment
-  outputs = [one(take(states, k), take(batches, k), folds[k], pos_weights[k]) for k in range(folds.shape[0])]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+  return stack([one(unstack(states, k), unstack(batches, k), folds[k], pos_weights[k])
+                for k in range(folds.shape[0])])
 
 
 def jit_stacked_train_step(mesh: jax.sharding.Mesh, *, batching: str | None = None,
