@@ -61,11 +61,12 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Any
   than its convolution kernels, forward and backward (ResNet-50 bottlenecks are mostly 1x1 convs). Everything else,
   and any call with `kwargs` (sharding, preferred element type), goes to `jax.lax.conv_general_dilated` unchanged.
   """
-  pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and not kwargs.get(
-      "preferred_element_type") and kwargs.get("out_sharding") is None
-               and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO
-               and tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
-               and (padding == "VALID" or tuple(map(tuple, padding)) == ((0, 0), (0, 0))))
+  unpadded = padding == "VALID" or tuple(map(tuple, padding)) == ((0, 0), (0, 0))
+  undilated = tuple(lhs_dilation or (1, 1)) == (1, 1) and tuple(rhs_dilation or (1, 1)) == (1, 1)
+  plain_call = not kwargs.get("preferred_element_type") and kwargs.get("out_sharding") is None
+  pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and unpadded and undilated
+               and plain_call
+               and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC_HWIO)
   if not pointwise:
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
