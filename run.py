@@ -29,12 +29,13 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v 0 shows it.
     logging.set_verbosity(logging.WARNING)
   distributed = parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  config = _CONFIG.value
-  if _CPU_DEVICES.value or not distributed:
-    parallel.configure_cpu_devices(_CPU_DEVICES.value, (config.batch_size, config.eval_batch_size or config.batch_size))
-  parallel.enable_compilation_cache(_COMPILATION_CACHE.value)
   import jax  # pylint: disable=g-import-not-at-top
-  from ccfnet_jax import train  # pylint: disable=g-import-not-at-top
+  from ccfnet_jax import train  # pylint: disable=g-import-not-at-top  (importing starts no backend)
+
+  config = _CONFIG.value
+  parallel.configure_cpu_devices(_CPU_DEVICES.value, (config.batch_size, train.global_eval_batch_size(config)),
+                                 multi_process=distributed)
+  parallel.enable_compilation_cache(_COMPILATION_CACHE.value)
 
   logging.info("process %d / %d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
   train.train_and_evaluate(config, _WORKDIR.value)

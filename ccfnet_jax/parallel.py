@@ -75,11 +75,12 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = ()) -> int:
+def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = (), *,
+                          multi_process: bool | None = None) -> int:
   """Splits the host CPU into several XLA devices, so that a CPU run is data-parallel over its cores.
 
   XLA:CPU runs one program on one device with intra-op threads, and on 2 cores that reached 1.78x one core; the
-  same global batch split over one device per core trains 9 % (R18-MSC, batch 2 at 512 px) to 29 % (batch 8 at
+  same global batch split over one device per core trains 8 % (R18-MSC, batch 2 at 512 px) to 29 % (batch 8 at
   256 px) faster. The math is the same program: BatchNorm statistics and the gradient stay global (module
   docstring), only the order of float additions changes. Accelerator backends are not affected (the setting is the
   CPU client's), so it is safe to call on every machine, but it must run before anything starts a JAX backend.
@@ -88,6 +89,8 @@ def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = ()) -
     requested: devices to make; 0 chooses: the largest count <= `usable_cores()` that divides every batch size in
       `batch_sizes` (1 where none does), single-process runs only.
     batch_sizes: the global batch sizes the mesh must split evenly (train and eval).
+    multi_process: whether this process is one of several (default: what the environment says; pass the result of
+      `maybe_initialize_distributed` where flags may have started it).
 
   Returns:
     The number of CPU devices set, or 0 where this left JAX alone: XLA_FLAGS already sets
@@ -99,7 +102,7 @@ def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = ()) -
     return 0
   count = requested
   if not count:
-    if _multi_process_environment():
+    if _multi_process_environment() if multi_process is None else multi_process:
       return 0
     common = math.gcd(*batch_sizes) if batch_sizes else 1
     count = max(d for d in range(1, usable_cores() + 1) if common % d == 0)
@@ -117,8 +120,8 @@ DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "ccfnet_jax", "jax")
 def enable_compilation_cache(directory: str | None = DEFAULT_COMPILATION_CACHE) -> str | None:
   """Points JAX's persistent compilation cache at `directory` (created on use); returns it, or None when off.
 
-  A resumed run, a repeated demo or a second fold with the same program then loads its compiled steps instead of
-  compiling them again (7-40 s each on CPU, more on TPU). `None` or "" leaves the cache off; the environment variable
+  A resumed or repeated run then loads its compiled steps instead of compiling them again (7-40 s each on CPU,
+  more on TPU). Folds trained in turn still compile their own steps: their pos_weight is a compile-time constant. `None` or "" leaves the cache off; the environment variable
   JAX_COMPILATION_CACHE_DIR, where set, wins (JAX reads it itself).
   """
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):

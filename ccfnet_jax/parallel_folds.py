@@ -205,7 +205,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
   if not folds or len(set(folds)) != len(folds):
     raise ValueError(f"parallel_folds: folds must be distinct, got {folds}")
   mesh = parallel.make_mesh() if mesh is None else mesh
-  eval_batch_size = config.eval_batch_size or config.batch_size
+  eval_batch_size = train.global_eval_batch_size(config)
   parallel.check_global_batch_size(config.batch_size, mesh)
   parallel.check_global_batch_size(eval_batch_size, mesh, "eval_batch_size")
   if config.loss not in train.LOSSES:

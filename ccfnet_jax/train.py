@@ -110,6 +110,11 @@ def augment_config(config: ml_collections.ConfigDict) -> augment_lib.AugmentConf
   return cfg if (cfg.geometric or cfg.photometric) else None
 
 
+def global_eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """The global evaluation batch: `config.eval_batch_size`, or the training batch where it is 0."""
+  return config.eval_batch_size or config.batch_size
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   """One epoch = `config.passes_per_epoch` passes over the training studies, in steps of `config.batch_size`."""
   return max(1, math.ceil(config.passes_per_epoch * num_train_examples / config.batch_size))
@@ -442,7 +447,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
   workdir = os.path.abspath(os.fspath(workdir))
   fold_dir = os.path.join(workdir, f"fold_{fold}")
   mesh = parallel.make_mesh() if mesh is None else mesh
-  eval_batch_size = config.eval_batch_size or config.batch_size
+  eval_batch_size = global_eval_batch_size(config)
   parallel.check_global_batch_size(config.batch_size, mesh)
   parallel.check_global_batch_size(eval_batch_size, mesh, "eval_batch_size")
   if config.loss not in LOSSES:

@@ -44,6 +44,9 @@ def test_explicit_count_and_the_users_xla_flag_win():
   got = _run("print(json.dumps({'n': parallel.configure_cpu_devices(0, (8,)), 'devices': len(jax.devices())}))",
              xla_flags="--xla_force_host_platform_device_count=5")
   assert got == {"n": 0, "devices": 5}
+  got = _run("n = parallel.configure_cpu_devices(0, (8,), multi_process=True)\n"
+             "print(json.dumps({'n': n, 'devices': len(jax.devices())}))")
+  assert got == {"n": 0, "devices": 1}  # one process of several: auto leaves JAX's single CPU device
 
 
 def test_too_late_and_negative_are_refused():
