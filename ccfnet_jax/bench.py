@@ -99,6 +99,20 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
   return seconds
 
 
+class DonatingStep:
+  """Calls a compiled step that donates its first argument, keeping the returned state for the next call.
+
+  `step()` runs `compiled(state, *args)`, stores the new state in `.state` and returns the step's other output.
+  """
+
+  def __init__(self, compiled: Callable[..., Any], state: Any, *args: Any):
+    self.compiled, self.state, self.args = compiled, state, args
+
+  def __call__(self) -> Any:
+    self.state, out = self.compiled(self.state, *self.args)
+    return out
+
+
 def spread(seconds: Sequence[float]) -> dict[str, float]:
   """Median, min and max of a list of durations, in seconds (the JSON lines' `median_s`, `min_s`, `max_s`)."""
   return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds), "n": len(seconds)}
@@ -241,12 +255,7 @@ def profile_train_step(setup: Steps, state: Any, *, steps: int, trace_dir: str, 
   Lines: `op_ms` (one op: ms per step and device, with its HLO name, shape, JAX op_name, pass and kind),
   `op_ms_by_pass` and `op_ms_by_kind` (the sums over all ops, in `by`). `state` is not donated: it stays valid.
   """
-  holder = {"state": jax.tree.map(jnp.copy, state)}
-
-  def one_step():
-    holder["state"], scalars = setup.compiled_train(holder["state"], setup.train_batch)
-    return scalars
-
+  one_step = DonatingStep(setup.compiled_train, jax.tree.map(jnp.copy, state), setup.train_batch)
   rows = op_profile.profile(one_step, setup.compiled_train.as_text(), steps=steps, trace_dir=trace_dir,
                             devices=parallel.num_data_shards(setup.mesh))
   total = sum(row["ms"] for row in rows)
@@ -279,12 +288,7 @@ def measure_stacked_folds(setup: Steps, state: Any, num_folds: int, *, steps: in
   started = time.perf_counter()
   compiled = jitted.lower(states, batches, fold_ids, pos_weights).compile()
   compile_s = time.perf_counter() - started
-  holder = {"states": states}
-
-  def one_step():
-    holder["states"], scalars = compiled(holder["states"], batches, fold_ids, pos_weights)
-    return scalars
-
+  one_step = DonatingStep(compiled, states, batches, fold_ids, pos_weights)
   seconds = time_calls(one_step, steps, warmup)
   median = statistics.median(seconds)
   batch_size = int(context["batch"])
@@ -336,14 +340,9 @@ def run(config: Any, *, batch_size: int, image_size: int, dtype: str, steps: int
                       what="one device, N x N x N product in --dtype: the MFU reference"))
 
   if "train" in measure:
-    holder = {"state": state}
-
-    def one_step():
-      holder["state"], scalars = compiled(holder["state"], train_batch)
-      return scalars
-
+    one_step = DonatingStep(compiled, state, train_batch)
     seconds = time_calls(one_step, steps, warmup)
-    state = holder["state"]
+    state = one_step.state
     median = statistics.median(seconds)
     lines.append(emit("train_images_per_s", batch_size / median, "images/s", context, **spread(seconds)))
     lines.append(emit("train_step_ms", 1000 * median, "ms", context, **spread(seconds)))
