@@ -4,42 +4,41 @@ Only flags here; everything else is in `ccfnet_jax.train`. The same command runs
 a TPU pod (multi-host launches initialise `jax.distributed` first: see `ccfnet_jax.parallel`).
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from __future__ import annotations
 
-from ccfnet_jax import parallel
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file[:fold=K,steps=N].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
-_COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", parallel.DEFAULT_COMPILATION_CACHE, "JAX's persistent compilation cache: resumed and repeated "
-    "runs load their compiled steps from here ('' turns it off; JAX_COMPILATION_CACHE_DIR, where set, wins).")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "XLA devices a CPU host is split into, the batch data-parallel over them (0: one per core that "
-    "divides the batch sizes, in single-process runs; 1: JAX's single CPU device). GPUs and TPUs are not affected.")
+from ccfnet_jax import cli, parallel
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file[:fold=K,steps=N].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.", required=True)
+  flags.DEFINE_bool("allow_config_change", False, "Resume a run directory even though the config differs from the "
+                    "one it was started with in fields that change the trained model (recorded there).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+  cli.define_device_flags()
+  cli.define_compilation_cache_flag()
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; -v 0 shows it.
-    logging.set_verbosity(logging.WARNING)
-  distributed = parallel.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  import jax  # pylint: disable=g-import-not-at-top
+  del argv
+  distributed = parallel.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                                      FLAGS.process_id)
   from ccfnet_jax import train  # pylint: disable=g-import-not-at-top  (importing starts no backend)
 
-  config = _CONFIG.value
-  parallel.configure_cpu_devices(_CPU_DEVICES.value, (config.batch_size, train.global_eval_batch_size(config)),
-                                 multi_process=distributed)
-  parallel.enable_compilation_cache(_COMPILATION_CACHE.value)
-
-  logging.info("process %d / %d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
-  train.train_and_evaluate(config, _WORKDIR.value)
+  config = FLAGS.config
+  cli.configure_devices((config.batch_size, config.eval_batch_size or config.batch_size), multi_process=distributed)
+  cli.enable_compilation_cache()
+  train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -6,6 +6,10 @@ One checkpoint = two items:
 - `extra`: JSON: the data iterator's state (Grain `get_state()`), the evaluation history so far, anything else
   small that a resumed run needs to continue exactly.
 
+"The best checkpoint" has one rule, `best_rank`: the highest validation score, the earliest step among equal
+scores. Retention (`_KeepBest`), `Checkpointer.best_step` (what `predict --which=best` loads) and the run's
+`results.json` (`train.results.summarize_history`) all rank by it, so the step a run reports as best is the one kept.
+
 Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with the shardings of the current mesh), so optax
 states come back as their NamedTuples and a checkpoint written on N devices restores onto any other device count.
 Saving is asynchronous; a process killed mid-save leaves only a temporary directory that Orbax ignores and removes.
@@ -13,8 +17,10 @@ Saving is asynchronous; a process killed mid-save leaves only a temporary direct
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +29,11 @@ from jax.sharding import Sharding
 
 SCORE_KEY = "score"
 """The metric (from `metrics.evaluate`) that ranks checkpoints for 'best'."""
+STATE_ITEM, EXTRA_ITEM = "state", "extra"
+
+
+class CheckpointError(ValueError):
+  """No usable checkpoint; the message names the directory and what was looked for."""
 
 
 def best_rank(score: float, step: int) -> tuple[float, int]:
@@ -35,54 +46,69 @@ def abstract_like(tree: Any, sharding: Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _score(metrics: Mapping[str, float]) -> float:
+def _score(metrics: Mapping[str, float] | None) -> float | None:
+  if not metrics or SCORE_KEY not in metrics:
+    return None
   return float(metrics[SCORE_KEY])
 
 
-class Checkpointer:
-  """A thin wrapper around `ocp.CheckpointManager` for one fold's run directory.
+def best_of(scored_steps: Sequence[tuple[int, float]]) -> int | None:
+  """The step of `(step, score)` pairs that `best_rank` puts first, None when there are none."""
+  if not scored_steps:
+    return None
+  return max(scored_steps, key=lambda item: best_rank(item[1], item[0]))[0]
 
-  Keeps the `keep` most recent checkpoints plus the one with the highest `metrics['score']` (checkpoints saved
-  without metrics count only as recent ones).
+
+@dataclasses.dataclass
+class _KeepBest(ocp.checkpoint_managers.PreservationPolicy):
+  """Orbax retention of the one checkpoint `best_rank` puts first (Orbax's own BestN keeps the latest on ties)."""
+
+  def should_preserve(self, checkpoints, *, context) -> Sequence[bool]:
+    del context
+    best = best_of([(c.step, _score(c.metrics)) for c in checkpoints if _score(c.metrics) is not None])
+    return [c.step == best for c in checkpoints]
+
+
+class Checkpointer:
+  """A thin wrapper around `ocp.CheckpointManager` for one fold's checkpoints directory.
+
+  Keeps the `keep` most recent checkpoints plus the best (`best_rank`; checkpoints saved without metrics count only
+  as recent ones). `read_only=True` opens a directory that another process may be writing: nothing is created,
+  cleaned or deleted, so a save in progress is left alone.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_best: bool = True,
-               asynchronous: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True,
+               read_only: bool = False):
     if keep < 1:
       raise ValueError(f"config.keep_checkpoints must be >= 1, got {keep}")
-    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
-    if keep_best:
-      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=_score, reverse=False, n=1,
-                                                    keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        # best_fn makes Orbax write each checkpoint's metrics to disk, so 'best' survives a restart.
-        best_fn=_score if keep_best else None,
-        best_mode="max",
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=asynchronous,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
     self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          # best_fn makes Orbax write each checkpoint's metrics to disk, so 'best' survives a restart.
+          best_fn=_score, best_mode="max",
+          preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+              [ocp.checkpoint_managers.LatestN(n=keep), _KeepBest()]),
+          enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
 
   def latest_step(self) -> int | None:
     """Step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """Step of the kept checkpoint with the highest `metrics['score']` (earliest on ties, see `best_rank`), or None
-    when none carries metrics."""
-    scored = []
-    for step in self._manager.all_steps():
-      metrics = self._manager.metrics(step)
-      if metrics and SCORE_KEY in metrics:
-        scored.append((float(metrics[SCORE_KEY]), step))
-    return max(scored, key=lambda item: best_rank(*item))[1] if scored else None
-
   def all_steps(self) -> list[int]:
     """Steps of every kept checkpoint, ascending."""
     return sorted(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The kept checkpoint `best_rank` puts first, or None when none carries a score."""
+    scored = []
+    for step in self.all_steps():
+      score = _score(self._manager.metrics(step))
+      if score is not None:
+        scored.append((step, score))
+    return best_of(scored)
 
   def save(self, step: int, state: Any, extra: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
     """Starts saving (asynchronously) `state` and the JSON `extra` as checkpoint `step`.
@@ -112,6 +138,26 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                    extra=ocp.args.JsonRestore()))
     return restored.state, dict(restored.extra or {})
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the managed folder (into `damaged_checkpoints/` beside it); returns where.
+
+    For a checkpoint that cannot be restored: kept for inspection, no longer in the way of a new save of `step`.
+    """
+    target_dir = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+    os.replace(self.step_dir(step), target)
+    self._manager.reload()
+    return target
+
+  def restore_extra(self, step: int) -> dict[str, Any]:
+    """The `extra` item of checkpoint `step` alone."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return dict(restored.extra or {})
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

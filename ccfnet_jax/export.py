@@ -3,177 +3,44 @@
     python -m ccfnet_jax.export --workdir=runs/r18 --output=model.jaxexport [--which=best|last] [--fold=K]
         [--platforms=cpu,cuda]
 
-Writes `model.jaxexport` (the serialized `jax.export.Exported`) and `model.jaxexport.json` (a small sidecar: format
-version, image size, output stride, object names, flip TTA, platforms, checkpoint). The artifact needs neither this
-package nor Flax to run, only `jax` (of a version that reads the serialization):
-
-    exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
-    xy, prob = exported.call(images)   # images float32 [B, S, S, 3] in [0, 1], any B
-
-Inputs: `images` float32 `[B, S, S, 3]` in [0, 1] with S the training `image_size`: three adjacent sagittal slices
-(z-1, z, z+1), each min-max scaled, stretched to S x S (as `ccfnet_jax.data.pipeline.resize_image` does).
-Outputs: `xy` float32 `[B, 11, 2]` (x, y) in INPUT pixels (map back to the native slice with x * W / S, y * H / S),
-`prob` float32 `[B, 11]` disease probabilities; object order `ccfnet_jax.objects.NAMES` (also in the sidecar).
-The batch size is symbolic (`jax.export.symbolic_shape("b, S, S, 3")`), so one artifact serves every batch size.
-The computation is the training loop's evaluation step (`train.eval_step`), with native size = input size.
+Writes the artifact and its sidecar `OUTPUT.json`; how to run it without this package:
+`ccfnet_jax.inference.artifact`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from absl import flags
 
-from ccfnet_jax import __version__, inference, objects, parallel, train
+from ccfnet_jax import cli, config, parallel, rundir
+from ccfnet_jax.inference import artifact
 
-FORMAT = "ccfnet_jax.export"
-FORMAT_VERSION = 1
-SIDECAR_SUFFIX = ".json"
-
-
-def _eval_keys_batch(images: jax.Array, image_size: int) -> dict[str, jax.Array]:
-  """A batch of the pipeline contract for `train.eval_step`: the images, native size = input size, no labels."""
-  b = images.shape[0]
-  n = objects.NUM_OBJECTS
-  return {
-      "image": images,
-      "native_hw": jnp.broadcast_to(jnp.asarray([image_size, image_size], jnp.int32), (b, 2)),
-      "points_xy_native": jnp.zeros((b, n, 2), jnp.float32),
-      "point_valid": jnp.zeros((b, n), bool),
-      "disease": jnp.full((b, n), objects.UNKNOWN, jnp.int32),
-      "pixel_spacing_mm": jnp.ones((b, 2), jnp.float32),
-      "example_valid": jnp.ones((b,), bool),
-  }
-
-
-def inference_fn(model: nnx.Module, image_size: int, flip_tta: bool = True
-                 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-  """`f(images [B, S, S, 3]) -> (xy [B, 11, 2] input px, prob [B, 11])` with the model's weights closed over (host
-  copies, so they become constants of the exported computation)."""
-  graphdef, state = inference.eval_state(model)
-  state = jax.device_get(state)
-  settings = inference.step_settings(model.stride, image_size, flip_tta)
-
-  def f(images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = train.eval_step(state, _eval_keys_batch(images, image_size), graphdef=graphdef, settings=settings)
-    return out["pred_xy"], out["pred_prob"]
-
-  return f
-
-
-def sidecar_path(path: str | os.PathLike) -> str:
-  return os.fspath(path) + SIDECAR_SUFFIX
-
-
-def export_model(model: nnx.Module, image_size: int, path: str | os.PathLike, *, flip_tta: bool = True,
-                 platforms: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> jax.export.Exported:
-  """Exports model + flip TTA + decode with a symbolic batch size; writes `path` and `path.json`.
-
-  Args:
-    model: an NNX model with `.stride` (put in eval mode here).
-    image_size: the square input size S the model was trained at.
-    path: the artifact file to write.
-    flip_tta: average with the horizontally flipped pass (as evaluation does).
-    platforms: e.g. ('cpu', 'cuda', 'tpu'); default: the current backend only.
-    extra: more fields for the sidecar (e.g. the checkpoint).
-  Returns:
-    The `jax.export.Exported`.
-  """
-  images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {image_size}, {image_size}, 3"), jnp.float32)
-  exported = jax.export.export(jax.jit(inference_fn(model, image_size, flip_tta)),
-                               platforms=tuple(platforms) if platforms else None)(images)
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(exported.serialize())
-  sidecar = {
-      "format": FORMAT, "format_version": FORMAT_VERSION, "ccfnet_jax_version": __version__,
-      "jax_version": jax.__version__, "image_size": int(image_size), "stride": int(model.stride),
-      "object_names": list(objects.NAMES), "flip_tta": bool(flip_tta), "platforms": list(exported.platforms),
-      "inputs": {"images": f"float32 [B, {image_size}, {image_size}, 3] in [0, 1]"},
-      "outputs": {"xy": "float32 [B, 11, 2] (x, y) input px", "prob": "float32 [B, 11] disease probability"},
-      **dict(extra or {}),
-  }
-  with open(sidecar_path(path), "w", encoding="utf-8") as f:
-    json.dump(sidecar, f, indent=1)
-  return exported
-
-
-class ExportedModel:
-  """A reloaded artifact: `__call__(images [B, S, S, 3]) -> (xy [B, 11, 2] input px, prob [B, 11])`."""
-
-  def __init__(self, exported: jax.export.Exported, info: dict[str, Any], path: str):
-    self.exported = exported
-    self.info = info
-    self.path = path
-    self.image_size = int(info["image_size"])
-
-  def __call__(self, images: Any) -> tuple[jax.Array, jax.Array]:
-    shape = tuple(np.shape(images))
-    expected = (self.image_size, self.image_size, 3)
-    if len(shape) != 4 or shape[1:] != expected:
-      raise ValueError(f"{self.path}: images must be [B, {self.image_size}, {self.image_size}, 3], got {shape}")
-    return self.exported.call(jnp.asarray(images, jnp.float32))
-
-
-def load_exported(path: str | os.PathLike) -> ExportedModel:
-  """Reads an artifact written by `export_model` (and its sidecar). Needs no model code.
-
-  Raises:
-    ValueError: the sidecar is missing, of another format or version, or disagrees with the artifact.
-  """
-  path = os.fspath(path)
-  try:
-    with open(sidecar_path(path), encoding="utf-8") as f:
-      info = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"cannot read the sidecar {sidecar_path(path)} of {path}: {e}") from e
-  if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{sidecar_path(path)}: format {info.get('format')!r} version {info.get('format_version')!r}, "
-                     f"expected {FORMAT!r} version {FORMAT_VERSION}")
-  with open(path, "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  size = int(info["image_size"])
-  if tuple(exported.in_avals[0].shape[1:]) != (size, size, 3):
-    raise ValueError(f"{path}: the artifact takes {exported.in_avals[0].shape}, the sidecar says image_size {size}")
-  return ExportedModel(exported, info, path)
+FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags (defined only when run as a program)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  inference.define_checkpoint_flags()
+  cli.define_checkpoint_flags()
   flags.DEFINE_string("output", None, "Artifact to write (its sidecar goes to OUTPUT.json).", required=True)
   flags.DEFINE_list("platforms", None, "Platforms to lower for, e.g. cpu,cuda,tpu (default: this backend).")
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  loaded = inference.load_model_from_flags(mesh)
+def main(argv: list[str]) -> None:
+  del argv
+  rundir.check_writable(FLAGS.output)
+  loaded = cli.load_model_from_flags(parallel.make_mesh(jax.devices()[:1]))
   ref = loaded.checkpoint
-  exported = export_model(loaded.model, loaded.image_size, FLAGS.output, flip_tta=loaded.flip_tta,
-                          platforms=FLAGS.platforms,
-                          extra={"checkpoint": ref.step_dir, "step": ref.step, "which": ref.which,
-                                 "model": inference.describe_model(loaded.config)})
+  described = config.describe_model(loaded.config)
+  exported = artifact.export_model(loaded.model, loaded.image_size, FLAGS.output, flip_tta=loaded.flip_tta,
+                                   platforms=FLAGS.platforms,
+                                   extra={"checkpoint": ref.step_dir, "step": ref.step, "which": ref.which,
+                                          "model": described})
   size = os.path.getsize(FLAGS.output)
-  print(f"exported {inference.describe_model(loaded.config)} ({ref.which}, step {ref.step}) at "
-        f"{loaded.image_size} px for {', '.join(exported.platforms)} -> {FLAGS.output} ({size / 1e6:.1f} MB) "
-        f"+ {sidecar_path(FLAGS.output)}", flush=True)
+  print(f"exported {described} ({ref.which}, step {ref.step}) at {loaded.image_size} px for "
+        f"{', '.join(exported.platforms)} -> {FLAGS.output} ({size / 1e6:.1f} MB) + "
+        f"{artifact.sidecar_path(FLAGS.output)}", flush=True)
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
-  define_flags()
-  _app.run(main)
+  cli.run(main, define_flags)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -79,9 +79,8 @@ def configure_cpu_devices(requested: int = 0, batch_sizes: Sequence[int] = (), *
                           multi_process: bool | None = None) -> int:
   """Splits the host CPU into several XLA devices, so that a CPU run is data-parallel over its cores.
 
-  XLA:CPU runs one program on one device with intra-op threads, and on 2 cores that reached 1.78x one core; the
-  same global batch split over one device per core trains 8 % (R18-MSC, batch 2 at 512 px) to 29 % (batch 8 at
-  256 px) faster. The math is the same program: BatchNorm statistics and the gradient stay global (module
+  XLA:CPU runs one program on one device with intra-op threads, which scale worse than one device per core
+  (docs/performance.md). The math is the same program: BatchNorm statistics and the gradient stay global (module
   docstring), only the order of float additions changes. Accelerator backends are not affected (the setting is the
   CPU client's), so it is safe to call on every machine, but it must run before anything starts a JAX backend.
 
@@ -120,9 +119,8 @@ DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "ccfnet_jax", "jax")
 def enable_compilation_cache(directory: str | None = DEFAULT_COMPILATION_CACHE) -> str | None:
   """Points JAX's persistent compilation cache at `directory` (created on use); returns it, or None when off.
 
-  A resumed or repeated run then loads its compiled steps instead of compiling them again (7-40 s each on CPU,
-  more on TPU). Folds trained in turn still compile their own steps: their pos_weight is a compile-time constant. `None` or "" leaves the cache off; the environment variable
-  JAX_COMPILATION_CACHE_DIR, where set, wins (JAX reads it itself).
+  A resumed or repeated run then loads its compiled steps instead of compiling them again. `None` or "" leaves the
+  cache off; the environment variable JAX_COMPILATION_CACHE_DIR, where set, wins (JAX reads it itself).
   """
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
@@ -167,6 +165,30 @@ def check_global_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size
                      f"'data' axis ({shards})")
   if batch_size % jax.process_count():
     raise ValueError(f"config.{what} = {batch_size} must be a multiple of the process count {jax.process_count()}")
+
+
+def folds_data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches of stacked folds `[F, B, ...]`: the fold axis whole, the batch axis split over "data"."""
+  return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+
+
+def host_to_global(batch: Mapping[str, Any], mesh: Mesh, *, stacked_folds: bool = False) -> dict[str, jax.Array]:
+  """This host's rows of a global batch -> global jax arrays split over the mesh's "data" axis.
+
+  The batch axis is the leading one, or the second one after a fold axis (`stacked_folds`). Works on one device,
+  on fake CPU devices and across hosts (global batch = local batch * process_count).
+  """
+  sharding = folds_data_sharding(mesh) if stacked_folds else data_sharding(mesh)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.dtype.kind not in "biuf":
+      raise TypeError(f"batch[{key!r}] has dtype {value.dtype}; only numeric arrays go to devices")
+    try:
+      out[key] = jax.make_array_from_process_local_data(sharding, value)
+    except ValueError as e:
+      raise ValueError(f"cannot shard batch[{key!r}] of shape {value.shape} with {sharding}: {e}") from e
+  return out
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import tiny_training
-from ccfnet_jax import parallel, train
-from ccfnet_jax.data import pipeline
+from ccfnet_jax import parallel
 
 
 def test_mesh_spans_all_devices_and_shards_the_batch_axis():
@@ -50,27 +49,23 @@ def test_distributed_init_is_skipped_on_a_single_host(monkeypatch):
   assert len(calls) == 2
 
 
-def _one_step(devices, config, host_batch):
-  """One jitted train step (augmentation on) on a mesh of `devices`; returns (state, scalars) on the host."""
+def _one_step(devices, config, host_batches, batching=None):
+  """One jitted train step (augmentation on) of len(host_batches) stacked folds on a mesh of `devices`; returns
+  (state, scalars) on the host."""
   mesh = parallel.make_mesh(devices)
-  model = train.create_model(config, jax.random.key(3))
-  schedule = train.create_schedule(config, 10, 5)
-  tx = train.create_optimizer(config, schedule)
-  train_graphdef, eval_graphdef, state = train.init_state(model, tx)
-  settings = train.StepSettings(image_size=config.image_size, stride=model.stride, loss="reference",
-                                pos_weight=(0.4, 0.9), augment=train.augment_config(config), flip_tta=True, seed=0,
-                                fold=0)
-  jit_train, _ = train.jit_steps(mesh, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, tx=tx,
-                                 schedule=schedule, settings=settings)
-  state, scalars = jit_train(parallel.replicate(state, mesh), pipeline.to_global(host_batch, mesh))
+  step, state, args, _ = tiny_training.jit_step(config, mesh, folds=tuple(range(len(host_batches))), key=3,
+                                                batching=batching)
+  state, scalars = step(state, tiny_training.stacked_global(host_batches, mesh), args)
   return parallel.to_host(state), parallel.to_host(scalars)
 
 
-def test_train_step_on_8_devices_equals_the_single_device_step():
+@pytest.mark.parametrize("num_folds,batching", [(1, None), (2, "unroll"), (2, "vmap")],
+                         ids=["one_fold", "stacked_unroll", "stacked_vmap"])
+def test_train_step_on_8_devices_equals_the_single_device_step(num_folds, batching):
   config = tiny_training.tiny_config()
-  host_batch = tiny_training.fake_batch(8)
-  state_1, scalars_1 = _one_step(jax.devices()[:1], config, host_batch)
-  state_8, scalars_8 = _one_step(jax.devices(), config, host_batch)
+  host_batches = [tiny_training.fake_batch(8, seed=k) for k in range(num_folds)]
+  state_1, scalars_1 = _one_step(jax.devices()[:1], config, host_batches, batching)
+  state_8, scalars_8 = _one_step(jax.devices(), config, host_batches, batching)
   np.testing.assert_allclose(scalars_8["loss"], scalars_1["loss"], rtol=1e-5)
   np.testing.assert_allclose(scalars_8["grad_norm"], scalars_1["grad_norm"], rtol=1e-4)
   # Parameters after the AdamW step and the BatchNorm running statistics: the statistics only agree if BatchNorm
@@ -79,9 +74,8 @@ def test_train_step_on_8_devices_equals_the_single_device_step():
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   for a, b in zip(jax.tree.leaves(state_1.batch_stats), jax.tree.leaves(state_8.batch_stats)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-  assert int(state_8.step) == int(state_1.step) == 1
+  assert np.all(state_8.step == 1) and np.all(state_1.step == 1)
   # The step changed the parameters (the comparison above is not between two untouched initialisations).
-  fresh = train.init_state(train.create_model(config, jax.random.key(3)), train.create_optimizer(
-      config, train.create_schedule(config, 10, 5)))[2]
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(state_8.params))]
+  fresh = tiny_training.initial_state(config, key=3)[2]
+  moved = [not np.allclose(a, b[0]) for a, b in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(state_8.params))]
   assert all(moved)

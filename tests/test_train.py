@@ -20,8 +20,9 @@ from flax import nnx
 import tiny_training
 from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import maps as maps_lib
-from ccfnet_jax import logging_utils, losses, metrics, objects, parallel, schedules, targets, train
-from ccfnet_jax.data import pipeline
+from ccfnet_jax import config as config_lib
+from ccfnet_jax import logging_utils, losses, metrics, objects, parallel, rundir, schedules, targets, train
+from ccfnet_jax.train import loop, results as results_lib, setup, steps
 
 REPO = pathlib.Path(tiny_training.REPO)
 
@@ -41,13 +42,14 @@ def phantom_data_dir(tmp_path_factory) -> str:
 
 
 def test_parse_folds():
-  assert train.parse_folds("all", 4) == [0, 1, 2, 3]
-  assert train.parse_folds("2", 4) == [2]
-  assert train.parse_folds(3, 4) == [3]
-  assert train.parse_folds("0,2", 4) == [0, 2]
+  assert config_lib.parse_folds("all", 4) == [0, 1, 2, 3]
+  assert config_lib.parse_folds("2", 4) == [2]
+  assert config_lib.parse_folds(3, 4) == [3]
+  assert config_lib.parse_folds("0,2", 4) == [0, 2]
+  assert config_lib.parse_folds("none", 4) is None
   for bad in ("4", "-1", "x", "1,1", ""):
     with pytest.raises(ValueError, match="config.fold"):
-      train.parse_folds(bad, 4)
+      config_lib.parse_folds(bad, 4)
 
 
 def test_warm_restart_schedule_follows_sgdr():
@@ -70,11 +72,11 @@ def test_warm_restart_schedule_follows_sgdr():
 
 def test_steps_per_epoch_is_ten_passes():
   config = tiny_training.tiny_config(batch_size=32)
-  assert train.steps_per_epoch(config, 112) == 35  # 10 * 112 / 32
+  assert setup.steps_per_epoch(config, 112) == 35  # 10 * 112 / 32
   config.num_epochs = 60
-  assert train.total_steps(config, 112) == 2100
+  assert setup.total_steps(config, setup.steps_per_epoch(config, 112)) == 2100
   config.num_steps = 7
-  assert train.total_steps(config, 112) == 7
+  assert setup.total_steps(config, 35) == 7
 
 
 def test_summarize_history_and_results_schema(tmp_path):
@@ -84,7 +86,7 @@ def test_summarize_history_and_results_schema(tmp_path):
                   step=20),
              dict(disc_recall=85.0, vertebra_recall=85.0, disc_auc=60.0, vertebra_auc=60.0, score=51.0, epoch=3,
                   step=30)]
-  summary = train.summarize_history(history)
+  summary = results_lib.summarize_history(history)
   assert summary["best"]["epoch"] == 2 and summary["best"]["score"] == 55.25
   assert summary["last"]["epoch"] == 3 and summary["last"]["disc_recall"] == 85.0
 
@@ -94,7 +96,7 @@ def test_summarize_history_and_results_schema(tmp_path):
               for which, offset in (("best", 1.0), ("last", 0.0))}
     os.makedirs(tmp_path / f"fold_{k}")
     (tmp_path / f"fold_{k}" / "results.json").write_text(json.dumps(result | {"params": 123}))
-    collected = train.collect_results(tmp_path, 4)
+    collected = results_lib.collect_results(tmp_path, 4)
     assert sorted(collected["folds"]) == [str(i) for i in range(k + 1)]
     assert ("mean" in collected) == (k == 3)
   assert set(collected) == {"folds", "mean", "std"}
@@ -104,7 +106,7 @@ def test_summarize_history_and_results_schema(tmp_path):
     for m in metrics.METRIC_NAMES:
       assert collected["mean"][which][m] == pytest.approx(25.0 + offset)
       assert collected["std"][which][m] == pytest.approx(math.sqrt(125.0))
-  table = train.format_table(collected, tiny_training.tiny_config(), 4_833_581)
+  table = results_lib.format_table(collected, tiny_training.tiny_config(), 4_833_581)
   assert "4-fold mean ± std" in table and "26.00 ± 11.18" in table and "| 4.83 |" in table
 
 
@@ -113,7 +115,7 @@ def test_metric_writer_progress_and_resumed_logs(tmp_path, monkeypatch):
   for step, loss in ((1, 0.5), (2, 0.4), (2, 0.3)):  # step 2 written twice, as after a resume
     writer.write(step, "train", {"loss": np.float32(loss), "learning_rate": jnp.asarray(1e-3)})
   writer.close()
-  records = logging_utils.read_metrics(tmp_path / logging_utils.METRICS_FILE)
+  records = logging_utils.read_metrics(tmp_path / rundir.METRICS_FILE)
   assert [(r["step"], r["loss"]) for r in records] == [(1, 0.5), (2, pytest.approx(0.3))]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
   lines = []
@@ -139,42 +141,50 @@ def test_metric_writer_progress_and_resumed_logs(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _steps(config, mesh, **settings_overrides):
-  model = train.create_model(config, jax.random.key(0))
-  schedule = train.create_schedule(config, 100, 10)
-  tx = train.create_optimizer(config, schedule)
-  train_graphdef, eval_graphdef, state = train.init_state(model, tx)
-  settings = dict(image_size=config.image_size, stride=model.stride, loss="reference", pos_weight=(0.4, 0.9),
-                  augment=train.augment_config(config), flip_tta=True, seed=0, fold=0)
-  settings.update(settings_overrides)
-  settings = train.StepSettings(**settings)
-  jit_train, jit_eval = train.jit_steps(mesh, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, tx=tx,
-                                        schedule=schedule, settings=settings)
-  return jit_train, jit_eval, parallel.replicate(state, mesh)
-
-
 def test_loss_decreases_on_a_fixed_batch():
   config = tiny_training.tiny_config(learning_rate=3e-3)
+  for name in ("rotate_prob", "shift_prob", "zoom_prob", "flip_prob", "intensity_prob", "bias_prob"):
+    config.augment[name] = 0.0
+  config.augment.point_jitter = False
   mesh = parallel.make_mesh()
-  jit_train, _, state = _steps(config, mesh, augment=None)
-  batch = pipeline.to_global(tiny_training.fake_batch(8), mesh)
+  step, state, args, _ = tiny_training.jit_step(config, mesh)
+  batch = tiny_training.stacked_global([tiny_training.fake_batch(8)], mesh)
   losses = []
   for _ in range(25):
-    state, scalars = jit_train(state, batch)
-    losses.append(float(scalars["loss"]))
+    state, scalars = step(state, batch, args)
+    losses.append(float(scalars["loss"][0]))
   assert all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
-  assert int(state.step) == 25
+  assert int(state.step[0]) == 25
 
 
 def test_mixed_precision_keeps_float32_parameters():
   config = tiny_training.tiny_config(mixed_precision=True)
   mesh = parallel.make_mesh()
-  jit_train, _, state = _steps(config, mesh)
-  state, scalars = jit_train(state, pipeline.to_global(tiny_training.fake_batch(8), mesh))
-  assert np.isfinite(float(scalars["loss"]))
+  step, state, args, _ = tiny_training.jit_step(config, mesh)
+  state, scalars = step(state, tiny_training.stacked_global([tiny_training.fake_batch(8)], mesh), args)
+  assert np.isfinite(float(scalars["loss"][0]))
   assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
           if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+
+
+def test_learning_rate_is_the_traced_schedule_of_each_fold():
+  """The rate logged (and applied) at each step is the fold's own table entry: two stacked folds with different
+  schedules train with their own rates in one compiled step."""
+  config = tiny_training.tiny_config(schedule="cosine", learning_rate=1e-3, min_learning_rate=1e-4)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step, state, args, _ = tiny_training.jit_step(config, mesh, folds=(0, 1))
+  short = setup.learning_rates(config, 4, 1, 100)  # the second fold: a 4-step cosine, then the floor
+  args = args._replace(learning_rate=parallel.replicate(np.stack([np.asarray(args.learning_rate[0]), short]), mesh))
+  batch = tiny_training.stacked_global([tiny_training.fake_batch(8, seed=s) for s in (0, 1)], mesh)
+  logged = []
+  for _ in range(6):
+    state, scalars = step(state, batch, args)
+    logged.append(np.asarray(scalars["learning_rate"]))
+  logged = np.stack(logged)  # [steps, folds]
+  cosine = [1e-4 + (1e-3 - 1e-4) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)] + [1e-4, 1e-4]
+  np.testing.assert_allclose(logged[:, 1], cosine, rtol=1e-5)
+  assert logged[0, 0] == pytest.approx(1e-3) and logged[5, 0] > logged[5, 1]
 
 
 class _ConstantMaps(nnx.Module):
@@ -202,12 +212,8 @@ def test_evaluation_maps_predictions_to_native_pixels_and_millimetres():
   points_input = np.stack([rng.uniform(10, 118, 11), rng.uniform(10, 118, 11)], -1).astype(np.float32)
   model = _ConstantMaps(points_input, size)
   mesh = parallel.make_mesh()
-  tx = train.create_optimizer(tiny_training.tiny_config(), lambda s: 1e-3)
-  train_graphdef, eval_graphdef, state = train.init_state(model, tx)
-  settings = train.StepSettings(image_size=size, stride=16, loss="reference", pos_weight=(1.0, 1.0), augment=None,
-                                flip_tta=False, seed=0, fold=0)
-  _, jit_eval = train.jit_steps(mesh, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, tx=tx,
-                                schedule=lambda s: 1e-3, settings=settings)
+  _, eval_graphdef, state = setup.init_state(model, 0.0)
+  jit_eval = loop.jit_eval_step(mesh, eval_graphdef, flip_tta=False)
   spacing = np.asarray([0.5, 0.8], np.float32)  # (row, col) mm
   gt_native = points_input * np.asarray([native[1] / size, native[0] / size], np.float32)  # x * W/S, y * H/S
 
@@ -219,9 +225,9 @@ def test_evaluation_maps_predictions_to_native_pixels_and_millimetres():
             "tags": np.asarray([""] * n), "study_uid": "s", "series_uid": "r", "instance_uid": "i"}
 
   state = parallel.replicate(state, mesh)
-  exact = train.evaluate(jit_eval, state, [record(0.0)] * 10, batch_size=8, image_size=size, mesh=mesh)
+  exact = loop.evaluate(jit_eval, state, [record(0.0)] * 10, batch_size=8, image_size=size, mesh=mesh)
   assert exact["disc_recall"] == pytest.approx(100.0) and exact["vertebra_recall"] == pytest.approx(100.0)
-  off = train.evaluate(jit_eval, state, [record(7.0)] * 3, batch_size=8, image_size=size, mesh=mesh)
+  off = loop.evaluate(jit_eval, state, [record(7.0)] * 3, batch_size=8, image_size=size, mesh=mesh)
   assert off["disc_recall"] == 0.0 and off["vertebra_recall"] == 0.0
 
 
@@ -233,9 +239,8 @@ def test_evaluation_maps_predictions_to_native_pixels_and_millimetres():
 def _restore_params(workdir, fold, step, config):
   """Parameters of checkpoint `step` of a run, restored on one device."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  tx = train.create_optimizer(config, train.create_schedule(config, 100, 10))
-  _, _, state = train.init_state(train.create_model(config, jax.random.key(0)), tx)
-  with checkpoint_lib.Checkpointer(os.path.join(workdir, f"fold_{fold}", "checkpoints")) as ckpt:
+  _, _, state = tiny_training.initial_state(config)
+  with checkpoint_lib.Checkpointer(rundir.checkpoints_dir(workdir, fold)) as ckpt:
     restored, extra = ckpt.restore(step, checkpoint_lib.abstract_like(state, parallel.replicated_sharding(mesh)))
   return parallel.to_host(restored), extra
 
@@ -254,14 +259,15 @@ def test_train_fold_writes_results_logs_and_checkpoints(tmp_path, phantom_data_d
   assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4]
   assert [r["step"] for r in lines if r["split"] == "eval"] == [2, 4]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(fold_dir / "tensorboard"))
-  # keep 1 recent + the best by score: step 4 always; step 2 too if it scored higher.
+  # keep 1 recent + the best by score (the earliest on a tie): step 4 always; step 2 too unless step 4 scored higher.
   kept = sorted(int(s) for s in os.listdir(fold_dir / "checkpoints") if s.isdigit())
   evals = {r["step"]: r["score"] for r in lines if r["split"] == "eval"}
-  assert kept == ([2, 4] if evals[2] > evals[4] else [4])
+  assert kept == ([2, 4] if evals[2] >= evals[4] else [4])
+  assert on_disk["folds"]["1"]["best"]["step"] == (2 if evals[2] >= evals[4] else 4)  # the one kept
   _, extra = _restore_params(str(tmp_path), 1, 4, config)
   assert [h["step"] for h in extra["evals"]] == [2, 4] and "data_iterator" in extra
   # pos_weight from the TRAINING folds' labels (folds 0, 2, 3 here), counted independently.
-  train_source, _ = train.open_sources(config, 1, str(tmp_path))
+  train_source = setup.open_fold(config, 1, str(tmp_path)).train_source
   disease = np.stack([np.asarray(train_source[i]["disease"]) for i in range(len(train_source))])
   expected = [losses.class_balanced_pos_weight(int(np.sum(d == 0)), int(np.sum(d == 1)))
               for d in (disease[:, list(objects.VERTEBRA_INDICES)], disease[:, list(objects.DISC_INDICES)])]
@@ -276,13 +282,13 @@ def test_train_fold_writes_results_logs_and_checkpoints(tmp_path, phantom_data_d
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, phantom_data_dir):
   config = tiny_training.tiny_config(data_dir=phantom_data_dir, num_steps=4, eval_every_steps=100,
                                      checkpoint_every_steps=2)
-  train.train_fold(config, 0, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path))
   good, _ = _restore_params(str(tmp_path), 0, 4, config)
   # Continue the run with an absurd learning rate: parameters blow up, the loss becomes inf/NaN within 2 steps.
   config.learning_rate = 1e30
   config.num_steps = 12
   with pytest.raises(train.TrainingDivergedError, match=r"fold 0: the training loss is (nan|inf|-inf) at step"):
-    train.train_fold(config, 0, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
   with checkpoint_lib.Checkpointer(tmp_path / "fold_0" / "checkpoints") as ckpt:
     assert ckpt.latest_step() == 4
   after, _ = _restore_params(str(tmp_path), 0, 4, config)
@@ -325,14 +331,22 @@ def _train_steps_logged(workdir) -> int:
   return max(steps, default=0)
 
 
-def _committed_checkpoints(workdir) -> list[int]:
-  path = os.path.join(workdir, "fold_0", "checkpoints")
-  return [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+def _committed_checkpoints(workdir, folds=(0,)) -> list[int]:
+  """The checkpoint steps every fold of `folds` has committed."""
+  committed = []
+  for fold in folds:
+    path = os.path.join(workdir, f"fold_{fold}", "checkpoints")
+    committed.append({int(name) for name in os.listdir(path) if name.isdigit()} if os.path.isdir(path) else set())
+  return sorted(set.intersection(*committed))
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, phantom_data_dir):
+@pytest.mark.parametrize("stacked", [False, True], ids=["sequential", "stacked"])
+def test_resume_after_sigkill_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, phantom_data_dir, stacked):
   overrides = {"data_dir": phantom_data_dir, "num_steps": 12, "eval_every_steps": 6, "checkpoint_every_steps": 3}
+  if stacked:
+    overrides.update(fold="0,1", parallel_folds=True)
+  folds = (0, 1) if stacked else (0,)
   config = tiny_training.tiny_config(**overrides)
   straight = tmp_path / "straight"
   interrupted = tmp_path / "interrupted"
@@ -343,24 +357,25 @@ def test_resume_after_sigkill_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
   deadline = time.time() + 240
   # Kill between checkpoints: once a checkpoint is committed (its directory renamed from the temporary name) and
   # the run has taken further steps.
-  while not (_committed_checkpoints(interrupted) and
-             _train_steps_logged(interrupted) > max(_committed_checkpoints(interrupted))):
+  while not (_committed_checkpoints(interrupted, folds) and
+             _train_steps_logged(interrupted) > max(_committed_checkpoints(interrupted, folds))):
     assert victim.poll() is None, victim.communicate()[0][-4000:]
     assert time.time() < deadline, "the run to be killed made no progress"
     time.sleep(0.02)
   victim.send_signal(signal.SIGKILL)
   victim.communicate()
-  resume_step = max(_committed_checkpoints(interrupted))
+  resume_step = max(_committed_checkpoints(interrupted, folds))
   assert resume_step < 12 and _train_steps_logged(interrupted) > resume_step
   out = finish(launch(interrupted, overrides))
   assert f"resumed from step {resume_step}" in out
 
-  a, extra_a = _restore_params(str(straight), 0, 12, config)
-  b, extra_b = _restore_params(str(interrupted), 0, 12, config)
-  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
-                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
-    assert np.array_equal(x, y)
-  assert extra_a["evals"] == extra_b["evals"]
+  for fold in folds:
+    a, extra_a = _restore_params(str(straight), fold, 12, config)
+    b, extra_b = _restore_params(str(interrupted), fold, 12, config)
+    for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                    jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+      assert np.array_equal(x, y)
+    assert extra_a["evals"] == extra_b["evals"]
   results_a = json.loads((straight / "results.json").read_text())
   results_b = json.loads((interrupted / "results.json").read_text())
   assert results_a == results_b
@@ -372,7 +387,7 @@ def test_checkpoint_from_8_devices_resumes_on_2(tmp_path, phantom_data_dir):
   overrides = {"data_dir": phantom_data_dir, "num_steps": 3, "eval_every_steps": 3}
   finish(launch(tmp_path, overrides, num_devices=8))
   overrides["num_steps"] = 5
-  out = finish(launch(tmp_path, overrides, num_devices=2))
+  out = finish(launch(tmp_path, overrides, num_devices=2, extra_args=["--allow_config_change"]))
   assert "resumed from step 3" in out and "2 devices on 1 process" in out
   restored, _ = _restore_params(str(tmp_path), 0, 5, tiny_training.tiny_config(**overrides))
   assert int(restored.step) == 5

@@ -107,12 +107,44 @@ def fake_batch(batch_size: int = 8, image_size: int = IMAGE_SIZE, seed: int = 0)
   }
 
 
+def initial_state(config, key: int = 0):
+  """(train graphdef, eval graphdef, TrainState) of `config`'s model initialised from `jax.random.key(key)`."""
+  from ccfnet_jax.train import setup  # pylint: disable=g-import-not-at-top
+  return setup.init_state(setup.create_model(config, jax.random.key(key)), config.weight_decay)
+
+
+def jit_step(config, mesh, *, folds=(0,), pos_weight=(0.4, 0.9), key: int = 0, batching: str | None = None,
+             num_steps: int = 100):
+  """The run's jitted train step for `folds` stacked, their stacked initial states and traced arguments.
+
+  Returns:
+    (step(states, stacked global batches, args), states, args, eval graphdef), all placed on `mesh`.
+  """
+  from ccfnet_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ccfnet_jax.train import setup, steps  # pylint: disable=g-import-not-at-top
+  model = setup.create_model(config, jax.random.key(key))
+  train_graphdef, eval_graphdef, state = setup.init_state(model, config.weight_decay)
+  rates = setup.learning_rates(config, num_steps, max(1, num_steps // 10), num_steps)
+  args = steps.stack([steps.FoldArgs(np.int32(f), np.asarray(pos_weight, np.float32), rates) for f in folds])
+  step = steps.jit_train_step(mesh, batching=batching or steps.default_fold_batching(mesh, len(folds)),
+                              graphdef=train_graphdef, settings=setup.step_settings(config, model.stride))
+  states = parallel.replicate(steps.stack([state] * len(folds)), mesh)
+  return step, states, parallel.replicate(args, mesh), eval_graphdef
+
+
+def stacked_global(host_batches, mesh):
+  """Host batches of the folds -> one stacked global batch `[F, B, ...]`."""
+  from ccfnet_jax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.host_to_global({k: np.stack([b[k] for b in host_batches]) for k in host_batches[0]}, mesh,
+                                 stacked_folds=True)
+
+
 def main() -> None:
   """run.py with TinyNet registered."""
   register()
   import run  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  app.run(run.main)
+  from ccfnet_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(run.main, run.define_flags)
 
 
 if __name__ == "__main__":
