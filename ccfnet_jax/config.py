@@ -182,7 +182,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset == "tianchi":
     if not config.manual_dir:
       raise _fail("manual_dir", config.manual_dir, "the tianchi dataset needs the folder holding "
-                  "lumbar_train150/ and lumbar_train150_annotation.json (e.g. ../shared/data/tianchi)")
+                  "lumbar_train150/ and lumbar_train150_annotation.json")
     if not os.path.isdir(os.path.expanduser(config.manual_dir)):
       raise _fail("manual_dir", config.manual_dir, "no such directory")
   elif config.phantom_studies < config.num_folds:

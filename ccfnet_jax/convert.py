@@ -1,6 +1,6 @@
 """PyTorch state dicts <-> NNX models: the reference CCFNet.pytorch layout and torchvision ImageNet ResNets.
 
-Facts (../shared/reference/README.md): PyTorch convs are OIHW, Flax convs HWIO (axis permutation (2, 3, 1, 0));
+Layouts: PyTorch convs are OIHW, Flax convs HWIO (axis permutation (2, 3, 1, 0));
 BatchNorm `weight/bias/running_mean/running_var` are Flax `scale/bias/mean/var`; `num_batches_tracked` has no Flax
 counterpart (optional on load, written as int64 0). Our module names map to the reference names through ONE table
 (`NAME_TABLES`) used in both directions.
@@ -252,7 +252,7 @@ def to_torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters and BatchNorm statistics as a PyTorch-layout dict of numpy arrays.
 
   Conv kernels OIHW float32, BN `weight/bias/running_mean/running_var` float32 and `num_batches_tracked` an int64
-  scalar 0; key names as the reference (`../shared/reference/*.tsv`).
+  scalar 0; key names as the reference's state dicts.
   """
   variables = _variables(model)
   out: dict[str, np.ndarray] = {}

@@ -1,4 +1,4 @@
-"""Coordinate facts of the product in one place (SPEC §3 and §5).
+"""Coordinate facts of the product in one place (docs/method.md#coordinates).
 
 - Points are continuous (x, y) in pixels: pixel column i covers [i, i + 1), annotation coordinates are used as they are.
 - Map cell (row r, col c) at output stride S has its centre at ((c + 0.5) * S, (r + 0.5) * S) input px.
@@ -28,7 +28,7 @@ def _namespace(*arrays: ArrayLike):
 def cell_center_px(index: ArrayLike, stride: float) -> ArrayLike:
   """Input-pixel coordinate of a (possibly fractional) cell index along one axis: `(index + 0.5) * stride`.
 
-  With `index = c + offset_x` this is also the decode rule `x = (c + offset_x + 0.5) * S` (SPEC §5).
+  With `index = c + offset_x` this is also the decode rule `x = (c + offset_x + 0.5) * S` (docs/method.md#decode).
   """
   return (index + 0.5) * stride
 

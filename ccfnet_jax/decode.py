@@ -1,4 +1,4 @@
-"""Decoding CCF-Net's maps into points and probabilities, and flip test-time augmentation (SPEC §5).
+"""Decoding CCF-Net's maps into points and probabilities, and flip test-time augmentation (docs/method.md#decode).
 
 Pure jnp: no Flax, no I/O. Works under jit and vmap, on any device, for maps with any leading dims
 (`[B, h, w, 11]` batched or `[h, w, 11]` for one image). Users may import this module into their own JAX code.
@@ -64,7 +64,7 @@ def value_at_cell(values: jnp.ndarray, cell: jnp.ndarray) -> jnp.ndarray:
 
 
 def decode(maps: Maps, stride: int = 16) -> Decoded:
-  """Points and probabilities from the four maps (SPEC §5).
+  """Points and probabilities from the four maps (docs/method.md#decode).
 
   Per object: the cell (r, c) of the heatmap maximum; `x = (c + offset_x[r, c] + 0.5) * S`,
   `y = (r + offset_y[r, c] + 0.5) * S` input px; `prob = sigmoid(logits[r, c])`.
@@ -106,7 +106,7 @@ def flip_maps_x(maps: Maps) -> Maps:
 
 
 def merge_flip(maps: Maps, maps_of_flipped: Maps) -> Maps:
-  """Flip test-time augmentation (SPEC §5): average with the pass on the horizontally flipped image.
+  """Flip test-time augmentation (docs/method.md#decode): average with the pass on the horizontally flipped image.
 
   Args:
     maps: `Maps [..., h, w, 11]` of the image.

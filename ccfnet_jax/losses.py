@@ -1,4 +1,4 @@
-"""CCF-Net training losses (SPEC §4): the reference code's loss (default) and the paper's variant.
+"""CCF-Net training losses (docs/method.md#losses): the reference code's loss (default) and the paper's variant.
 
 Pure jnp: no Flax, no I/O; jit/vmap/grad-able. Both losses take the predicted `Maps [B, h, w, 11]`, the `Targets`
 from `ccfnet_jax.targets.encode` (any stride), the disease labels `[B, 11]` (1 diseased, 0 normal, -1 unknown) and
@@ -31,7 +31,7 @@ REFERENCE_LABEL_COUNTS: Mapping[str, tuple[int, int]] = {"vertebra": (191, 814),
 
 
 def class_balanced_pos_weight(n_neg: float, n_pos: float) -> float:
-  """BCE pos_weight by the reference's "effective number" rule (SPEC §4).
+  """BCE pos_weight by the reference's "effective number" rule (docs/method.md#losses).
 
   `E(n) = (1 - b^n) / (1 - b)` with `b = (n - 1) / n` (E(0) = 0), `w(n) = 1 / (E(n) + 1e-5)`,
   `pos_weight = w(n_pos) / (w(n_neg) + 1e-5)`. E.g. (n_neg, n_pos) = (191, 814) -> 0.23463427, (574, 632) -> 0.90498486.
@@ -133,7 +133,7 @@ def reference_loss(pred: Maps,
                    *,
                    mask_absent: bool = True,
                    weights: Mapping[str, float] = LOSS_WEIGHTS) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """The loss as the reference code trains (SPEC §4), the default.
+  """The loss as the reference code trains (docs/method.md#losses), the default.
 
   - heatmap: MSE over all positions `[B, h, w, 11]`;
   - offset_y, offset_x: smooth-L1 (beta 1) where `targets.offset_mask` (target heatmap >= 0.4), zero elsewhere,
@@ -184,7 +184,7 @@ def paper_loss(pred: Maps,
                pos_weight: Sequence[float] | jnp.ndarray = REFERENCE_POS_WEIGHT,
                *,
                weights: Mapping[str, float] = LOSS_WEIGHTS) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-  """The loss as the paper writes it (SPEC §4, option).
+  """The loss as the paper writes it (docs/method.md#losses, an option).
 
   - heatmap: as `reference_loss` (MSE over the positions of present objects);
   - offset_y, offset_x: smooth-L1 over the mask M = {target heatmap >= 0.6} of present objects, averaged over |M|;

@@ -1,4 +1,4 @@
-"""The paper's evaluation metric (SPEC §7), host side: numpy only (no JAX, no Flax, no I/O).
+"""The paper's evaluation metric (docs/method.md#metric), host side: numpy only (no JAX, no Flax, no I/O).
 
 All coordinates are ORIGINAL (native) pixels with the native DICOM PixelSpacing `[row, col]` mm of the slice.
 Results are percentages: recalls and AUCs in %, and `score = 100 * mean(recalls) * mean(AUCs)` with the recalls
@@ -102,7 +102,7 @@ def evaluate(pred_xy: np.ndarray,
              gt_disease: np.ndarray,
              pixel_spacing_mm: np.ndarray,
              max_distance_mm: float = HIT_DISTANCE_MM) -> dict[str, float]:
-  """The paper's metric over N studies (SPEC §7), in %.
+  """The paper's metric over N studies (docs/method.md#metric), in %.
 
   A point is a hit if its distance to the ground truth is <= `max_distance_mm`. Recall = hits / valid ground-truth
   points, per group. AUC = `roc_auc` of `pred_prob` against the binary label over the hit points with a known label

@@ -1,7 +1,7 @@
 """The 11 objects CCF-Net locates: names, order and kinds.
 
 This module is the single place where the object order, the vertebra/disc split and the binary disease-label rule
-live (SPEC §1 and §6). Pure Python: no JAX, no Flax, no I/O.
+live (docs/method.md#task, #labels). Pure Python: no JAX, no Flax, no I/O.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ UNKNOWN = -1
 
 
 def is_disc_name(identification: str) -> bool:
-  """A name with '-' is a disc (SPEC §6); otherwise a vertebra."""
+  """A name with '-' is a disc (docs/method.md#labels); otherwise a vertebra."""
   return "-" in identification
 
 
@@ -50,7 +50,7 @@ def object_index(identification: str) -> int | None:
 
 
 def binary_disease_label(tag: str) -> int:
-  """The paper's evaluation rule (SPEC §6): 0 if the tag contains 'v1', else 1; an empty tag means normal (0).
+  """The paper's evaluation rule (docs/method.md#labels): 0 if the tag contains 'v1', else 1; an empty tag means normal (0).
 
   Tags may be comma lists in either order ('v2,v5', 'v5,v2'). Raises ValueError for a tag that holds no 'vN' code.
   """

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC §9): cosine annealing with warm restarts, and one cosine to a floor.
+"""Learning-rate schedules (docs/method.md#training): cosine annealing with warm restarts, and one cosine to a floor.
 
 Each schedule is a pure function of the integer step (an optax schedule), so a resumed run sees exactly the
 learning rate of an uninterrupted one.

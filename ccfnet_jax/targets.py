@@ -1,4 +1,4 @@
-"""Training targets: ground-truth points -> target maps (SPEC §3).
+"""Training targets: ground-truth points -> target maps (docs/method.md#targets).
 
 Pure jnp: no Flax, no I/O. Works under jit (with `image_hw`, `stride`, `sigma` static) and vmap, for any leading
 dims (`[B, 11, 2]` batched, `[11, 2]` for one image).
@@ -69,7 +69,7 @@ def encode(points_xy: jnp.ndarray,
            stride: int = 16,
            sigma: float | None = None,
            disease: jnp.ndarray | None = None) -> Targets:
-  """Encodes ground-truth points as target maps at output stride S (SPEC §3).
+  """Encodes ground-truth points as target maps at output stride S (docs/method.md#targets).
 
   Cell (r, c) has its centre at ((c + 0.5) S, (r + 0.5) S) input px. For a present point k at (x, y):
   `heatmap = exp(-((xc - x)^2 + (yc - y)^2) / (2 sigma^2)) / max(...)`, `offset_x = (x - xc) / S`,

@@ -3,7 +3,7 @@
 Usage: `python run.py --config=configs/default.py[:ARG] --workdir=DIR`, where ARG is a comma list of
 `fold=K` (0..3, or `all` for the four folds in turn), `steps=N` (a short schedule of N steps) and
 `dataset=phantom|tianchi`, e.g. `:fold=all` or `:fold=2,steps=100`. Any field can also be set with
-`--config.<field>=value` (e.g. `--config.num_steps=50 --config.manual_dir=../shared/data/tianchi`).
+`--config.<field>=value` (e.g. `--config.num_steps=50 --config.manual_dir=DIR`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CCF-Net R18-MSC (the paper's Table 1 row, 4.83 M parameters): the defaults, SPEC §9 schedule, batch 32, 512 px."""
+"""CCF-Net R18-MSC (the paper's Table 1 row, 4.83 M parameters): the defaults, the paper's schedule, batch 32, 512 px."""
 
 from configs import default
 

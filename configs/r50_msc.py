@@ -1,4 +1,4 @@
-"""CCF-Net R50-MSC (the paper's Table 1 row, 10.79 M parameters): SPEC §9 schedule, batch 12, 512 px."""
+"""CCF-Net R50-MSC (the paper's Table 1 row, 10.79 M parameters): the paper's schedule, batch 12, 512 px."""
 
 from configs import default
 

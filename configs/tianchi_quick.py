@@ -1,6 +1,6 @@
 """A short real-data run: R18-MSC at 256 px, batch 8, 3000 steps, one cosine from 3e-4 to 5e-5, reference augmentation.
 
-    python run.py --config=configs/tianchi_quick.py --config.manual_dir=../shared/data/tianchi --workdir=runs/tq
+    python run.py --config=configs/tianchi_quick.py --config.manual_dir=DIR --workdir=runs/tq
 
 Trains on three folds of the Tianchi studies and evaluates on the fourth after every epoch (10 passes over the
 training studies; fold 0 by default, `:fold=all` for all four).

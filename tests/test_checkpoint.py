@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +16,7 @@ from ccfnet_jax import parallel, train
 
 
 def _state(seed: int = 0):
-  config = tiny_training.tiny_config()
-  tx = train.create_optimizer(config, train.create_schedule(config, 10, 5))
-  _, _, state = train.init_state(train.create_model(config, jax.random.key(seed)), tx)
+  _, _, state = tiny_training.initial_state(tiny_training.tiny_config(), key=seed)
   # Make every leaf distinctive (the optimizer moments start at zero).
   leaves, treedef = jax.tree.flatten(state)
   rng = np.random.default_rng(seed)
@@ -78,3 +78,29 @@ def test_checkpoint_written_on_8_devices_restores_on_fewer(tmp_path, num_devices
   leaf = jax.tree.leaves(restored.params)[0]
   assert leaf.sharding.mesh.devices.size == num_devices and len(leaf.addressable_shards) == num_devices
   _assert_equal_trees(parallel.to_host(state8), parallel.to_host(restored))
+
+
+def test_a_tie_keeps_the_earliest_best_the_one_every_reader_names(tmp_path):
+  """Retention, best_step and the results' rule agree on ties: the earliest of equal scores is kept and named."""
+  from ccfnet_jax.train import results  # pylint: disable=g-import-not-at-top
+  state = _state()
+  scores = {2: 60.0, 4: 60.0, 6: 60.0}
+  with checkpoint_lib.Checkpointer(tmp_path, keep=1, asynchronous=False) as ckpt:
+    for step in range(1, 9):
+      ckpt.save(step, state, {}, metrics={"score": scores[step]} if step in scores else None)
+    assert ckpt.all_steps() == [2, 8] and ckpt.best_step() == 2
+  history = [{"score": v, "step": k, "epoch": k, "disc_recall": 0.0, "vertebra_recall": 0.0, "disc_auc": 0.0,
+              "vertebra_auc": 0.0} for k, v in scores.items()]
+  assert results.summarize_history(history)["best"]["step"] == 2
+  assert checkpoint_lib.best_of([(4, 1.0), (2, 1.0), (3, 0.5)]) == 2
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_step_can_be_written_again(tmp_path):
+  state = _state()
+  with checkpoint_lib.Checkpointer(tmp_path / "checkpoints", asynchronous=False) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, state, {"step": step})
+    moved = ckpt.set_aside(2)
+    assert ckpt.all_steps() == [1] and os.path.isdir(moved)
+    assert os.path.dirname(moved) == str(tmp_path / "damaged_checkpoints")
+    assert ckpt.save(2, state, {"step": 2})  # the step is free again

@@ -1,4 +1,4 @@
-"""Config files: SPEC §9 values, the `:fold=...,steps=...` argument, and `--config.x=...` overrides through absl."""
+"""Config files: the paper's training values, the `:fold=...,steps=...` argument, and `--config.x=...` overrides through absl."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ccfnet_jax import train
+from ccfnet_jax import config as config_lib
+from ccfnet_jax import losses
 from ccfnet_jax.data.augment import AugmentConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -36,9 +37,9 @@ def test_every_config_loads_and_is_consistent(name):
   config = load(name)
   assert config.dataset in ("phantom", "tianchi")
   assert config.image_size % 128 == 0  # MSC needs map sides divisible by 8 at stride 16
-  assert config.loss in train.LOSSES
-  train.parse_folds(config.fold, config.num_folds)
-  augment = train.augment_config(config)
+  assert config.loss in losses.LOSSES
+  config_lib.parse_folds(config.fold, config.num_folds)
+  augment = config_lib.augment_config(config)
   assert augment is None or isinstance(augment, AugmentConfig)
 
 
@@ -52,7 +53,7 @@ def test_paper_configs_have_the_spec_training_values(name, depth, msc, batch):
   assert config.schedule == "cosine_warm_restarts" and config.restart_epochs == 20 and config.restart_mult == 2
   assert config.num_epochs == 60 and config.passes_per_epoch == 10 and config.num_steps is None
   assert config.loss == "reference" and config.flip_tta
-  assert train.augment_config(config) == AugmentConfig.reference()
+  assert config_lib.augment_config(config) == AugmentConfig.reference()
 
 
 def test_demo_and_quick_configs():
@@ -61,13 +62,13 @@ def test_demo_and_quick_configs():
   quick = load("tianchi_quick")
   assert quick.dataset == "tianchi" and quick.image_size == 256 and quick.batch_size == 8
   assert quick.num_steps == 3000 and quick.schedule == "cosine" and quick.min_learning_rate == 5e-5
-  assert train.augment_config(quick) == AugmentConfig.reference()
+  assert config_lib.augment_config(quick) == AugmentConfig.reference()
 
 
 def test_config_argument_string():
   assert load("r50_msc", "fold=2").fold == "2"
-  assert train.parse_folds(load("r50_msc", "fold=2").fold, 4) == [2]
-  assert train.parse_folds(load("default", "fold=all").fold, 4) == [0, 1, 2, 3]
+  assert config_lib.parse_folds(load("r50_msc", "fold=2").fold, 4) == [2]
+  assert config_lib.parse_folds(load("default", "fold=all").fold, 4) == [0, 1, 2, 3]
   assert load("default", "3").fold == "3"  # a lone value is the fold
   short = load("r18_msc", "fold=1,steps=100,dataset=tianchi")
   assert (short.fold, short.num_steps, short.dataset) == ("1", 100, "tianchi")
@@ -83,7 +84,7 @@ def test_command_line_overrides():
                        "--config.augment.rotate_prob=0.25", "--config.mixed_precision=True")
   assert config.fold == "all" and config.num_steps == 7 and config.dataset == "tianchi"
   assert config.manual_dir == "../shared/data/tianchi" and config.mixed_precision is True
-  assert train.augment_config(config).rotate_prob == 0.25
+  assert config_lib.augment_config(config).rotate_prob == 0.25
   assert parse_flags(f"--config={CONFIGS / 'default.py'}", "--config.fold=2").fold == "2"
   with pytest.raises(flags.IllegalFlagValueError):
     parse_flags(f"--config={CONFIGS / 'default.py'}", "--config.num_steps=lots")

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ccfnet_jax import evaluate
+from ccfnet_jax.inference import predictions, scoring
 from ccfnet_jax.data import phantom
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,7 @@ def _expected_auc(hit_labels: list[int]) -> float:
 
 def test_perfect_predictions(data, tmp_path):
   preds = _write(tmp_path, [_prediction(e) for e in data["entries"]])
-  result = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  result = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   labels = {"disc": [], "vertebra": []}
   for entry in data["entries"]:
     for point in _points(entry):
@@ -92,7 +92,7 @@ def test_hits_at_6mm_in_mm_with_the_dicom_spacing_and_missing_studies_are_misses
       _prediction(e1, dy_px=6.1 / row1),  # 6.1 mm down: every point a miss
       # study 2: no prediction -> misses
   ])
-  result = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  result = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   for group, is_group in (("disc", lambda n: "-" in n), ("vertebra", lambda n: "-" not in n)):
     n_total = sum(is_group(p["tag"]["identification"]) for e in data["entries"] for p in _points(e))
     hits = [p for p in _points(e0) if is_group(p["tag"]["identification"])]
@@ -107,7 +107,7 @@ def test_hits_at_6mm_in_mm_with_the_dicom_spacing_and_missing_studies_are_misses
 def test_missing_points_count_as_misses(data, tmp_path):
   preds = _write(tmp_path, [_prediction(data["entries"][0], drop=("L1", "L2"))] +
                  [_prediction(e) for e in data["entries"][1:]])
-  result = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  result = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   n_vertebrae = sum("-" not in p["tag"]["identification"] for e in data["entries"] for p in _points(e))
   assert result.metrics["vertebra_recall"] == pytest.approx(100.0 * (n_vertebrae - 2) / n_vertebrae)
   assert result.metrics["disc_recall"] == 100.0
@@ -120,9 +120,9 @@ def test_coord_float_is_used_unless_use_rounded(data, tmp_path):
     exact = {p["tag"]["identification"]: [float(c) for c in p["coord"]] for p in _points(entry)}
     entries.append(_prediction(entry, dx_px=100.0, float_coords=exact))  # coord far off, coord_float exact
   preds = _write(tmp_path, entries)
-  with_float = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  with_float = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   assert with_float.metrics["disc_recall"] == 100.0 and with_float.metrics["vertebra_recall"] == 100.0
-  rounded = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"], use_rounded=True)
+  rounded = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"], use_rounded=True)
   assert rounded.metrics["disc_recall"] == 0.0 and rounded.metrics["vertebra_recall"] == 0.0
   assert rounded.counts["points_from_coord_float"] == 0 and with_float.counts["points_from_coord"] == 0
 
@@ -135,7 +135,7 @@ def test_annotated_study_without_dicom_is_excluded_and_listed(data, tmp_path):
   annotations.write_text(json.dumps(data["entries"] + [extra]))
   preds = _write(tmp_path, [_prediction(e) for e in data["entries"]] + [{**_prediction(data["entries"][0]),
                                                                          "studyUid": "9.9.9"}])
-  result = evaluate.evaluate_files(preds, annotations, data["studies_dir"])
+  result = scoring.evaluate_files(preds, annotations, data["studies_dir"])
   assert result.counts["excluded_studies"] == 1 and result.counts["scored_studies"] == 3
   assert result.counts["unannotated_predictions"] == 1
   assert result.excluded[0]["study"] == "1.2.3.4" and "1.2.3.4.5" in result.excluded[0]["reason"]
@@ -151,16 +151,16 @@ def test_bad_prediction_file_names_the_study_and_problem(data, tmp_path, mutate,
   entry = _prediction(data["entries"][0])
   mutate(_points(entry)[0])
   preds = _write(tmp_path, [entry])
-  with pytest.raises(evaluate.PredictionFileError, match=message) as error:
-    evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  with pytest.raises(predictions.PredictionFileError, match=message) as error:
+    scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   assert entry["studyUid"] in str(error.value) and str(preds) in str(error.value)
 
 
 def test_duplicate_study_in_predictions_is_refused(data, tmp_path):
   entry = _prediction(data["entries"][0])
   preds = _write(tmp_path, [entry, entry])
-  with pytest.raises(evaluate.PredictionFileError, match="predicted twice"):
-    evaluate.load_predictions(preds)
+  with pytest.raises(predictions.PredictionFileError, match="predicted twice"):
+    predictions.load_predictions(preds)
 
 
 def test_command_prints_and_writes_the_metrics(data, tmp_path):
@@ -172,7 +172,7 @@ def test_command_prints_and_writes_the_metrics(data, tmp_path):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 0, done.stderr
   written = json.loads(output.read_text())
-  expected = evaluate.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
+  expected = scoring.evaluate_files(preds, data["annotation_path"], data["studies_dir"])
   assert written["metrics"] == expected.metrics
   assert written["counts"]["missing_predictions"] == 1
   assert "missing_predictions 1" in done.stdout and "score" in done.stdout

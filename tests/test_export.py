@@ -1,4 +1,4 @@
-"""`ccfnet_jax.export`: the exported artifact (symbolic batch) reloads and equals the live model with flip TTA and
+"""`ccfnet_jax.inference.artifact`: the exported artifact (symbolic batch) reloads and equals the live model with flip TTA and
 decode, for two batch sizes, and runs in a process that has no model code."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 import tiny_training
-from ccfnet_jax import decode, export, objects
+from ccfnet_jax import decode, objects
+from ccfnet_jax.inference import artifact as export
 from ccfnet_jax.maps import Maps
 
 IMAGE_SIZE = 64
@@ -36,7 +37,7 @@ def _images(batch: int, seed: int) -> np.ndarray:
 
 
 def _live(net, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The model as written in SPEC §5, directly: two passes, flip-merged maps, decode (input px)."""
+  """The model as docs/method.md#decode writes it, directly: two passes, flip-merged maps, decode (input px)."""
   net.eval()
   maps = net(jnp.asarray(images))
   maps_of_flipped = net(jnp.asarray(images[:, :, ::-1, :]))

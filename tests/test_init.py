@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ccfnet_jax import convert, train
+from ccfnet_jax import config as config_lib
+from ccfnet_jax import convert
+from ccfnet_jax.train import setup
 from configs import default
 
 
@@ -28,8 +30,8 @@ def _conv_stds(module: nnx.Module) -> dict[str, tuple[float, float]]:
 
 
 def test_kaiming_redraws_the_backbone_only():
-  reference = train.create_model(_config(backbone_init="reference"), jax.random.key(0))
-  kaiming = train.create_model(_config(backbone_init="kaiming"), jax.random.key(0))
+  reference = setup.create_model(_config(backbone_init="reference"), jax.random.key(0))
+  kaiming = setup.create_model(_config(backbone_init="kaiming"), jax.random.key(0))
   backbone = _conv_stds(kaiming.backbone)
   assert len(backbone) == 15  # stem + 3 stages x 2 blocks x 2 convs + the 2 projection shortcuts (no layer4)
   for path, (std, expected) in backbone.items():
@@ -43,8 +45,8 @@ def test_kaiming_redraws_the_backbone_only():
 
 
 def test_unknown_backbone_init_is_refused():
-  with pytest.raises(ValueError, match="backbone_init.*'xavier'"):
-    train.create_model(_config(backbone_init="xavier"), jax.random.key(0))
+  with pytest.raises(config_lib.ConfigError, match="backbone_init.*'xavier'"):
+    config_lib.validate(_config(backbone_init="xavier"))
 
 
 def _torchvision_file(tmp_path, source: nnx.Module, **replace) -> str:
@@ -57,10 +59,10 @@ def _torchvision_file(tmp_path, source: nnx.Module, **replace) -> str:
 
 
 def test_pretrained_backbone_is_loaded(tmp_path):
-  donor = train.create_model(_config(backbone_init="kaiming"), jax.random.key(7))
+  donor = setup.create_model(_config(backbone_init="kaiming"), jax.random.key(7))
   path = _torchvision_file(tmp_path, donor)
-  model = train.initial_model(_config(pretrained=path), jax.random.key(0))
-  fresh = train.create_model(_config(), jax.random.key(0))
+  model = setup.initial_model(_config(pretrained=path), jax.random.key(0))
+  fresh = setup.create_model(_config(), jax.random.key(0))
   for a, b in zip(jax.tree.leaves(nnx.state(model.backbone)), jax.tree.leaves(nnx.state(donor.backbone))):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(nnx.state(model.head)), jax.tree.leaves(nnx.state(fresh.head))):
@@ -68,7 +70,7 @@ def test_pretrained_backbone_is_loaded(tmp_path):
 
 
 def test_pretrained_file_that_does_not_fit_is_named(tmp_path):
-  donor = train.create_model(_config(), jax.random.key(7))
+  donor = setup.create_model(_config(), jax.random.key(7))
   path = _torchvision_file(tmp_path, donor, **{"conv1.weight": np.zeros((64, 1, 7, 7), np.float32)})
   with pytest.raises(convert.StateDictError, match=r"(?s)resnet18_imagenet\.npz.*conv1\.weight"):
-    train.initial_model(_config(pretrained=path), jax.random.key(0))
+    setup.initial_model(_config(pretrained=path), jax.random.key(0))

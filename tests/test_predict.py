@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 import tiny_training
-from ccfnet_jax import evaluate, inference, metrics, objects, predict, train
+from ccfnet_jax import config as config_lib
+from ccfnet_jax import metrics, objects, rundir, train
+from ccfnet_jax.inference import loading, predictions, predictor as predictor_lib, scoring, studies
+from ccfnet_jax.train import setup
 from ccfnet_jax.data import annotations as annotations_lib
 from ccfnet_jax.data import dicom, folds, phantom, pipeline
 
@@ -46,12 +49,12 @@ def run(tmp_path_factory):
   (studies_dir / "study_corrupt").mkdir()
   (studies_dir / "study_corrupt" / "image0.dcm").write_bytes(b"this is not a DICOM file")
 
-  loaded = inference.load_model(workdir, which="last")
-  predictor = inference.Predictor(loaded.model, image_size=loaded.image_size, flip_tta=loaded.flip_tta,
-                                  batch_size=BATCH)
-  prediction_run = predict.predict_studies(predictor, studies_dir, annotations=annotation_path,
+  loaded = loading.load_model(workdir, which="last")
+  predictor = predictor_lib.Predictor(loaded.model, image_size=loaded.image_size, flip_tta=loaded.flip_tta,
+                                      batch_size=BATCH)
+  prediction_run = studies.predict_studies(predictor, studies_dir, annotations=annotation_path,
                                            overlays_dir=root / "overlays", progress=False)
-  output, sidecar = predict.write_outputs(prediction_run, root / "preds.json", predict.run_info(loaded, predictor))
+  output, sidecar = studies.write_outputs(prediction_run, root / "preds.json", studies.run_info(loaded, predictor))
   return {"root": root, "workdir": workdir, "config": config, "results": results, "studies_dir": studies_dir,
           "annotation_path": annotation_path, "loaded": loaded, "predictor": predictor, "output": output,
           "sidecar": sidecar}
@@ -70,7 +73,7 @@ def _val_annotations(run) -> tuple[pathlib.Path, set[str]]:
 def test_predict_then_evaluate_equals_training_time_evaluation(run):
   val_path, val_uids = _val_annotations(run)
   assert len(val_uids) == NUM_STUDIES // 4
-  result = evaluate.evaluate_files(run["output"], val_path, run["studies_dir"])
+  result = scoring.evaluate_files(run["output"], val_path, run["studies_dir"])
   training_time = run["results"]["folds"][str(VAL_FOLD)]["last"]
   assert training_time["step"] == TRAIN_STEPS
   for name in metrics.METRIC_NAMES:
@@ -84,7 +87,7 @@ def test_predict_then_evaluate_equals_training_time_evaluation(run):
 def test_predictions_equal_the_training_pipeline_path(run):
   """The same checkpoint on the TFDS records the training run evaluated (generated phantoms, not DICOM) gives the
   same float points and probabilities as predict on the DICOM files, and the same metrics at any hit radius."""
-  _, val_source = train.open_sources(run["config"], VAL_FOLD, str(run["workdir"]))
+  val_source = setup.open_fold(run["config"], VAL_FOLD, str(run["workdir"])).val_source
   reference = {}
   for batch in pipeline.eval_dataset(val_source, batch_size=BATCH, image_size=run["config"].image_size):
     out = run["predictor"](batch)
@@ -92,7 +95,7 @@ def test_predictions_equal_the_training_pipeline_path(run):
       uid = val_source[int(batch["record_index"][i])]["study_uid"]
       uid = uid.decode() if isinstance(uid, bytes) else uid
       reference[uid] = (out["pred_xy"][i], out["pred_prob"][i], val_source[int(batch["record_index"][i])])
-  predicted = evaluate.load_predictions(run["output"])
+  predicted = predictions.load_predictions(run["output"])
   assert set(reference) <= set(predicted)
   for uid, (xy, prob, _) in reference.items():
     np.testing.assert_array_equal(predicted[uid].xy, xy.astype(np.float64))
@@ -106,7 +109,7 @@ def test_predictions_equal_the_training_pipeline_path(run):
     expected = metrics.evaluate(stack(lambda r: r[0]), stack(lambda r: r[1]), stack(lambda r: r[2]["points_xy"]),
                                 stack(lambda r: r[2]["point_valid"]), stack(lambda r: r[2]["disease"]),
                                 stack(lambda r: r[2]["pixel_spacing_mm"]), max_distance_mm=radius_mm)
-    result = evaluate.evaluate_files(run["output"], val_path, run["studies_dir"], max_distance_mm=radius_mm)
+    result = scoring.evaluate_files(run["output"], val_path, run["studies_dir"], max_distance_mm=radius_mm)
     assert result.metrics == expected, radius_mm
   assert result.metrics["disc_recall"] == 100.0 and result.metrics["vertebra_auc"] > 0
 
@@ -165,7 +168,7 @@ def test_unannotated_prediction_uses_the_t2_middle_slice(run, tmp_path):
   one = tmp_path / "studies"
   one.mkdir()
   (one / "study3").symlink_to(run["studies_dir"] / "study3")
-  result = predict.predict_studies(run["predictor"], one, progress=False)
+  result = studies.predict_studies(run["predictor"], one, progress=False)
   (pred,) = result.predictions
   gt = truth[pred.study_uid]
   assert pred.series_uid == gt.series_uid
@@ -176,7 +179,7 @@ def test_unannotated_prediction_uses_the_t2_middle_slice(run, tmp_path):
   # With an annotation file that does not list the study: the same slice, and a warning saying so.
   empty = tmp_path / "ann.json"
   empty.write_text("[]")
-  listed = predict.predict_studies(run["predictor"], one, annotations=empty, progress=False)
+  listed = studies.predict_studies(run["predictor"], one, annotations=empty, progress=False)
   assert listed.predictions[0].instance_uid == pred.instance_uid
   assert len(listed.warnings) == 1 and "not in the annotation file" in listed.warnings[0]
 
@@ -185,28 +188,28 @@ def test_find_checkpoint_accepts_every_level(run):
   workdir = run["workdir"]
   step_dir = workdir / "fold_0" / "checkpoints" / str(TRAIN_STEPS)
   for path in (workdir, workdir / "fold_0", workdir / "fold_0" / "checkpoints", step_dir):
-    ref = inference.find_checkpoint(path, which="last")
+    ref = loading.find_checkpoint(path, which="last")
     assert pathlib.Path(ref.step_dir) == step_dir and ref.step == TRAIN_STEPS
-    assert ref.config_path == str(workdir / inference.CONFIG_FILE)
-  with pytest.raises(inference.CheckpointError, match="no checkpoint found"):
-    inference.find_checkpoint(run["studies_dir"])
-  with pytest.raises(inference.CheckpointError, match="fold 3"):
-    inference.find_checkpoint(workdir, fold=3)
+    assert ref.config_path == str(workdir / rundir.CONFIG_FILE)
+  with pytest.raises(loading.CheckpointError, match="no checkpoint found"):
+    loading.find_checkpoint(run["studies_dir"])
+  with pytest.raises(loading.CheckpointError, match="fold 3"):
+    loading.find_checkpoint(workdir, fold=3)
 
 
 def test_best_checkpoint_is_the_one_training_reports_as_best(run):
   """Two evaluations (steps 20 and 40) were checkpointed; 'best' is the step the training results call best."""
   best = run["results"]["folds"][str(VAL_FOLD)]["best"]["step"]
   assert best in (TRAIN_STEPS // 2, TRAIN_STEPS)
-  ref = inference.find_checkpoint(run["workdir"], which="best")
+  ref = loading.find_checkpoint(run["workdir"], which="best")
   assert ref.step == best and ref.which == "best"
 
 
 def test_mismatched_checkpoint_is_refused_naming_the_parameter(run):
-  config = inference.load_config(run["workdir"] / inference.CONFIG_FILE)
+  config, _ = config_lib.load_run_config(run["workdir"] / rundir.CONFIG_FILE)
   config.model.name = "ccfnet"  # the TinyNet checkpoint with the CCF-Net R18-MSC config
-  with pytest.raises(inference.CheckpointMismatchError) as error:
-    inference.load_model(run["workdir"], config=config)
+  with pytest.raises(loading.CheckpointMismatchError) as error:
+    loading.load_model(run["workdir"], config=config)
   message = str(error.value)
   assert "ccfnet depth=18 msc=True" in message
   assert "params/backbone/conv1/kernel" in message  # a CCF-Net parameter the checkpoint lacks
@@ -216,19 +219,19 @@ def test_mismatched_checkpoint_is_refused_naming_the_parameter(run):
 def test_shape_mismatch_is_named():
   saved = {"params/head/kernel": (1, 1, 16, 44), "params/stem/kernel": (3, 3, 3, 8), "step": ()}
   expected = {"params/head/kernel": (1, 1, 32, 44), "params/stem/kernel": (3, 3, 3, 8)}
-  with pytest.raises(inference.CheckpointMismatchError,
+  with pytest.raises(loading.CheckpointMismatchError,
                      match=r"params/head/kernel: checkpoint \(1, 1, 16, 44\), model \(1, 1, 32, 44\)"):
-    inference.check_compatible(saved, expected, where="ckpt", model="m")
-  inference.check_compatible(expected, expected, where="ckpt", model="m")  # equal tables pass
+    loading.check_compatible(saved, expected, where="ckpt", model="m")
+  loading.check_compatible(expected, expected, where="ckpt", model="m")  # equal tables pass
 
 
 def test_rounding_and_tags():
-  assert predict.rounded_coord(np.array([10.49, 3.5]), (20, 30)) == [10, 4]
-  assert predict.rounded_coord(np.array([-3.2, 19.7]), (20, 30)) == [0, 19]  # clipped into the 20 x 30 image
-  assert predict.disease_tag(0.5) == "v2" and predict.disease_tag(0.4999) == "v1"
-  assert predict.sidecar_path("out/preds.json") == "out/preds.errors.json"
+  assert predictions.rounded_coord(np.array([10.49, 3.5]), (20, 30)) == [10, 4]
+  assert predictions.rounded_coord(np.array([-3.2, 19.7]), (20, 30)) == [0, 19]  # clipped into the 20 x 30 image
+  assert predictions.disease_tag(0.5) == "v2" and predictions.disease_tag(0.4999) == "v1"
+  assert predictions.sidecar_path("out/preds.json") == "out/preds.errors.json"
 
 
 def test_predictor_batch_size_must_fit_the_mesh(run):
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    inference.Predictor(run["loaded"].model, image_size=run["loaded"].image_size, batch_size=jax.device_count() + 1)
+    predictor_lib.Predictor(run["loaded"].model, image_size=run["loaded"].image_size, batch_size=jax.device_count() + 1)

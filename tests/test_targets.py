@@ -12,7 +12,7 @@ K = 11
 
 
 def _numpy_targets(points_xy, hw, stride, sigma):
-  """Independent float64 construction straight from SPEC §3 (one image, all points present)."""
+  """Independent float64 construction straight from docs/method.md#targets (one image, all points present)."""
   h, w = hw[0] // stride, hw[1] // stride
   xc = (np.arange(w) + 0.5) * stride
   yc = (np.arange(h) + 0.5) * stride
