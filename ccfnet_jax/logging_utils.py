@@ -10,14 +10,14 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 import jax
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from ccfnet_jax import rundir
 
 
 def _plain(value: Any) -> Any:
@@ -33,6 +33,7 @@ class MetricWriter:
 
   Each line: `{"step": int, "split": "train" | "eval", "time": unix seconds, <name>: value, ...}`. A resumed run
   appends; lines for steps after the checkpoint it resumed from may then appear twice (the later ones are current).
+  A line cut short by a kill is closed with a newline before appending, so it never corrupts the next one.
   """
 
   def __init__(self, logdir: str | os.PathLike, *, enabled: bool | None = None):
@@ -43,8 +44,11 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(self.logdir, exist_ok=True)
-      self._tb = SummaryWriter(logdir=os.path.join(self.logdir, TENSORBOARD_DIR))
-      self._jsonl = open(os.path.join(self.logdir, METRICS_FILE), "a", encoding="utf-8")
+      self._tb = SummaryWriter(logdir=os.path.join(self.logdir, rundir.TENSORBOARD_DIR))
+      path = os.path.join(self.logdir, rundir.METRICS_FILE)
+      self._jsonl = rundir.open_append(path)
+      if self._jsonl.tell() and not _ends_with_newline(path):
+        self._jsonl.write("\n")
 
   def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
     """Logs `scalars` (name -> number) at `step` under `split` ('train' or 'eval')."""
@@ -70,8 +74,17 @@ class MetricWriter:
       self.enabled = False
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a `metrics.jsonl` file (a resumed run's later duplicates of a step override earlier ones)."""
+  """The records of a `metrics.jsonl` file (a resumed run's later duplicates of a step override earlier ones).
+
+  A line that a kill cut short (not JSON) is skipped with a warning; it held nothing the run did not log again.
+  """
   latest: dict[tuple[int, str], dict[str, Any]] = {}
   with open(path, encoding="utf-8") as f:
     for line_number, line in enumerate(f, 1):
@@ -79,8 +92,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         continue
       try:
         record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number}: not a JSON object: {e}") from e
+      except json.JSONDecodeError:
+        warnings.warn(f"{path}:{line_number}: skipped a line cut short (not JSON)")
+        continue
       latest[(int(record["step"]), str(record["split"]))] = record
   return [latest[key] for key in sorted(latest)]
 

@@ -19,13 +19,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SHARED = REPO.parent / "shared"
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, what: str) -> None:
+  """Skips the calling test when `what` is missing locally; fails it in CI (CI=true), where everything must be there,
+  so that a missing ../shared or tool cannot silently turn checks off."""
+  if available:
+    return
+  if IN_CI:
+    pytest.fail(f"{what} is missing, and CI=true: CI must run this test")
+  pytest.skip(f"{what} is not present")
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-  """`../shared` beside the checkout; tests that need it are skipped when it is absent."""
-  if not SHARED.is_dir():
-    pytest.skip("../shared is not present")
+  """`../shared` beside the checkout (golden vectors, real studies)."""
+  require(SHARED.is_dir(), "../shared")
   return SHARED
 
 
@@ -33,6 +43,5 @@ def shared_dir() -> pathlib.Path:
 def tianchi_dir(shared_dir) -> pathlib.Path:
   """The 150 real Tianchi studies (research use only: read in place, never copied)."""
   path = shared_dir / "data" / "tianchi"
-  if not (path / "lumbar_train150_annotation.json").is_file():
-    pytest.skip("../shared/data/tianchi is not present")
+  require((path / "lumbar_train150_annotation.json").is_file(), "../shared/data/tianchi")
   return path

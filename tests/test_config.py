@@ -1,0 +1,95 @@
+"""The experiment config: every value checked before any data is read, old run configs upgraded, and the fields that
+change the trained model told apart from those that do not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny_training
+from ccfnet_jax import config as config_lib
+from ccfnet_jax import train
+
+BAD_VALUES = [
+    ("num_steps", 0, "positive"), ("num_steps", -5, "positive"), ("schedule", "linear", "cosine_warm_restarts"),
+    ("model.name", "resnet", "ccfnet"), ("model.depth", 101, "ResNet"), ("keep_checkpoints", 0, "positive"),
+    ("augment.rotate_prob", 1.5, "probability"), ("augment.zoom_y_frac", (0.3, 0.1), "low <= high"),
+    ("learning_rate", -1e-3, "positive"), ("batch_size", 0, "positive"), ("image_size", 200, "multiple of 128"),
+    ("loss", "focal", "reference"), ("fold", "5", "distinct integers"), ("log_every_steps", 0, "positive"),
+    ("eval_every_steps", -1, "positive"), ("dataset", "mnist", "phantom"), ("weight_decay", -1.0, ">= 0"),
+    ("min_learning_rate", 1.0, "must not exceed learning_rate"), ("restart_mult", 0.5, ">= 1"),
+    ("restart_epochs", 0.0, "positive"),
+    ("warmup_steps", 50, "less than num_steps"), ("fold_batching", "pmap", "vmap"),
+    ("model.backbone_init", "xavier", "kaiming"), ("phantom_studies", 2, "at least num_folds"),
+]
+
+
+def _set(config, field, value):
+  *path, last = field.split(".")
+  target = config
+  for part in path:
+    target = target[part]
+  with config.unlocked():
+    target[last] = value
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD_VALUES, ids=[f"{f}={v}" for f, v, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_naming_field_value_and_what_is_allowed(field, value, allowed, tmp_path):
+  config = tiny_training.tiny_config(num_steps=10, data_dir=str(tmp_path / "tfds"))
+  context = {"model.depth": {"model.name": "ccfnet"}, "min_learning_rate": {"schedule": "cosine"},
+             "restart_mult": {"schedule": "cosine_warm_restarts"},
+             "restart_epochs": {"schedule": "cosine_warm_restarts"}}
+  for other, other_value in context.get(field, {}).items():  # the settings under which the field is read
+    _set(config, other, other_value)
+  _set(config, field, value)
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(error.value)
+  assert field.split(".")[-1] in message and allowed in message, message
+  assert not (tmp_path / "tfds").exists()  # refused before any data set was opened or built
+
+
+def test_tianchi_needs_an_existing_manual_dir(tmp_path):
+  config = tiny_training.tiny_config(dataset="tianchi", manual_dir=str(tmp_path / "nowhere"))
+  with pytest.raises(config_lib.ConfigError, match="manual_dir.*no such directory"):
+    config_lib.validate(config)
+  config.manual_dir = ""
+  with pytest.raises(config_lib.ConfigError, match="manual_dir"):
+    config_lib.validate(config)
+
+
+def test_every_shipped_config_is_valid():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config_lib.validate(default.get_config())
+  config_lib.validate(tiny_training.tiny_config())
+
+
+def test_an_older_run_config_gets_the_defaults_of_newer_fields(tmp_path):
+  values = json.loads(config_lib.to_json(config_lib.default_config()))
+  del values["recalibrate_bn"]
+  del values["model"]["backbone_init"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(values))
+  loaded, filled = config_lib.load_run_config(path)
+  assert sorted(filled) == ["model.backbone_init", "recalibrate_bn"]
+  assert loaded.recalibrate_bn is False and loaded.model.backbone_init == "kaiming"
+  path.write_text("[1, 2]")
+  with pytest.raises(config_lib.ConfigError, match="holds a list"):
+    config_lib.load_run_config(path)
+  with pytest.raises(config_lib.ConfigError, match="no such file"):
+    config_lib.load_run_config(tmp_path / "missing.json")
+
+
+def test_model_changes_ignore_only_the_fields_that_do_not_change_the_model():
+  base = tiny_training.tiny_config()
+  other = tiny_training.tiny_config()
+  other.log_every_steps = 7
+  other.data_dir = "/elsewhere"
+  other.parallel_folds = True
+  other.fold = "all"
+  assert config_lib.model_changes(base, other) == []
+  other.learning_rate = 5e-3
+  other.augment.rotate_prob = 0.1
+  assert config_lib.model_changes(base, other) == [("augment.rotate_prob", 0.8, 0.1),
+                                                   ("learning_rate", base.learning_rate, 5e-3)]
