@@ -108,6 +108,24 @@ def build_model(config: ml_collections.ConfigDict, key: Any) -> Any:
                              rngs=nnx.Rngs(key), dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32)
 
 
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of a config file, `path/to/file.py[:arg]` (its `get_config(arg)`), as `--config=` reads it.
+
+  Raises ConfigError when the file is missing or has no `get_config`.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path}: no such file")
+  module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config(arg)")
+  return module.get_config(arg or None)
+
+
 def describe_model(config: ml_collections.ConfigDict) -> str:
   """e.g. 'ccfnet depth=18 msc=True' (the config fields that decide the parameter shapes)."""
   return f"{config.model.name} depth={config.model.depth} msc={config.model.msc}"
