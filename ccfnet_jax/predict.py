@@ -44,7 +44,6 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +52,7 @@ import numpy as np
 
 from ccfnet_jax import __version__, inference, objects, parallel
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, pipeline, render
+from ccfnet_jax.data import dicom, errors, layout, pipeline, render
 from ccfnet_jax.data.errors import StudyError
 from ccfnet_jax.train import write_json
 
@@ -89,21 +88,6 @@ class StudyPrediction:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _natural_key(path: pathlib.Path) -> list[Any]:
-  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def find_study_folders(root: str | os.PathLike) -> list[pathlib.Path]:
-  """The study folders under `root` (its sub-folders in natural order: study2 before study10; or `root` itself when it
-  holds `.dcm` files directly). Hidden folders are skipped. Raises FileNotFoundError when `root` is not a folder."""
-  root = pathlib.Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f"--studies={root}: no such directory")
-  if any(p.is_file() and p.suffix.lower() == ".dcm" for p in root.iterdir()):
-    return [root]
-  return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key)
-
-
 def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.StudyAnnotation] | None
                ) -> tuple[dicom.StudyImage, annotations_lib.StudyAnnotation | None, str | None]:
   """Reads the slice to predict on in one study folder.
@@ -114,13 +98,13 @@ def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.S
     StudyError: the folder is empty or holds an unreadable file, no usable sagittal series, several studies, ...
   """
   name = folder.name
-  headers = dicom.scan_folder(folder, study=name)
+  headers, problems = layout.scan_headers(folder, name)
   uids = sorted({h.study_uid for h in headers})
   annotated = [annotations[uid] for uid in uids if annotations and uid in annotations]
   if annotated:
     ann = annotated[0]
-    image = dicom.read_study(folder, instance_uid=ann.instance_uid, series_uid=ann.series_uid,
-                             study_uid=ann.study_uid, headers=headers, study=name)
+    image = dicom.read_study(folder, headers=headers, problems=problems, instance_uid=ann.instance_uid,
+                             series_uid=ann.series_uid, study_uid=ann.study_uid, study=name)
     return image, ann, None
   if len(uids) > 1:
     raise StudyError(name, str(folder), f"the folder holds {len(uids)} studies ({', '.join(uids)}); predict needs "
@@ -129,7 +113,7 @@ def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.S
   if annotations is not None:
     warning = (f"{name}: studyUid {uids[0]} is not in the annotation file: slice chosen by the T2 sagittal "
                "middle-slice rule")
-  return dicom.read_study(folder, headers=headers, study=name), None, warning
+  return dicom.read_study(folder, headers=headers, problems=problems, study=name), None, warning
 
 
 @dataclasses.dataclass
@@ -239,7 +223,7 @@ def predict_studies(predictor: inference.Predictor, studies_dir: str | os.PathLi
   """
   import tqdm  # pylint: disable=g-import-not-at-top
 
-  folders = find_study_folders(studies_dir)
+  folders = layout.study_folders(studies_dir)
   by_uid = None
   annotation_errors: list[StudyError] = []
   if annotations is not None:

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 from pydicom.uid import generate_uid
 
-from ccfnet_jax.data import dicom_write
+from ccfnet_jax.data import dicom, dicom_write, layout
 
 SLICE_GAP_MM = 4.4
 
@@ -92,3 +92,9 @@ def entry(study_uid: str, series_uid: str, instance_uid: str, points: list[dict]
 def write_json(path: pathlib.Path, entries: list[dict]) -> pathlib.Path:
   path.write_text(json.dumps(entries), encoding="utf-8")
   return path
+
+
+def read_folder(folder, **kwargs) -> dicom.StudyImage:
+  """`dicom.read_study` of one folder after its header scan, as the dataset builder and predict do."""
+  headers, problems = layout.scan_headers(folder, kwargs.get("study"))
+  return dicom.read_study(folder, headers=headers, problems=problems, **kwargs)

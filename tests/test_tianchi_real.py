@@ -14,7 +14,8 @@ import pytest
 
 import tfds_spine
 from ccfnet_jax import objects
-from ccfnet_jax.data import annotations, dicom, records
+from ccfnet_jax.data import annotations, records
+from synthetic_studies import read_folder
 
 NAME = "lumbar_train150"
 
@@ -111,7 +112,7 @@ def test_disease_counts_per_class_match_the_annotation(read_records, raw_entries
 def test_unannotated_rule_picks_the_labelled_series(read_records, folder_of):
   # README: the T2-sagittal + brightest rule picks the labelled series in all 150 studies.
   for uid, folder in list(folder_of.items()):
-    assert dicom.read_study(folder).series_uid == read_records[uid]["series_uid"], folder
+    assert read_folder(folder).series_uid == read_records[uid]["series_uid"], folder
 
 
 # ----------------------------------------------------------------------------------------- the TFDS build

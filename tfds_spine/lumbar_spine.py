@@ -13,7 +13,6 @@ Folds follow SPEC §8 (`ccfnet_jax.data.folds`) over the studies that were built
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -23,14 +22,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, folds, records
+from ccfnet_jax.data import dicom, errors, folds, layout, records
 from ccfnet_jax.data.errors import SkipReport, StudyError
 
 logger = logging.getLogger(__name__)
 
 NUM_FOLDS = 4
 DEFAULT_PHANTOM_STUDIES = 200
-ANNOTATION_SUFFIX = "_annotation.json"
 
 _DESCRIPTION = """Sagittal lumbar-spine MRI, one example per study: the annotated T2 slice with its two neighbours
 (3 channels, uint16, native size), pixel spacing, the 11 points (L1..L5, T12-L1..L5-S1) and their disease labels."""
@@ -87,13 +85,7 @@ class _TianchiStudy:
   annotation: annotations_lib.StudyAnnotation
   folder: str
   headers: list[dicom.SliceHeader]
-
-
-def find_pairs(manual_dir: str | os.PathLike) -> list[tuple[str, str]]:
-  """(`<name>_annotation.json`, `<name>/`) pairs in `manual_dir`, sorted by name; JSONs without a folder included
-  (their studies are reported missing)."""
-  jsons = sorted(glob.glob(os.path.join(os.fspath(manual_dir), "*" + ANNOTATION_SUFFIX)))
-  return [(j, j[: -len(ANNOTATION_SUFFIX)]) for j in jsons]
+  problems: list[StudyError]
 
 
 def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_TianchiStudy]:
@@ -102,42 +94,36 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
   Returns the studies that read cleanly (their pixels are read again when the examples are written);
   every problem goes into `report`.
   """
-  pairs = find_pairs(manual_dir)
+  pairs = layout.release_pairs(manual_dir)
   if not pairs:
-    raise FileNotFoundError(f"no *{ANNOTATION_SUFFIX} in manual dir {os.fspath(manual_dir)}.\n{_MANUAL}")
-  all_annotations, folders_of = [], {}
+    raise FileNotFoundError(f"no *{layout.ANNOTATION_SUFFIX} in manual dir {os.fspath(manual_dir)}.\n{_MANUAL}")
+  all_annotations, root_of = [], {}
   headers_by_study: dict[str, list[dicom.SliceHeader]] = {}
+  problems_by_study: dict[str, list[StudyError]] = {}
   folder_of_study: dict[str, str] = {}
-  broken_study: dict[str, StudyError] = {}
   for json_path, root in pairs:
     good, bad = annotations_lib.load_annotations(json_path)
     for e in bad:
       report.add(e, logger)
     all_annotations += good
     for a in good:
-      folders_of[a.study_uid] = root
-    if not os.path.isdir(root):
+      root_of[a.study_uid] = os.fspath(root)
+    if not root.is_dir():
       continue
-    for folder in sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isdir(p)):
-      headers, problem = [], None
-      files = dicom.dicom_files(folder)
-      if not files:
-        report.add(StudyError(folder, folder, "study folder holds no .dcm file", errors.EMPTY_FOLDER), logger)
+    for folder in layout.study_folders(root):
+      try:
+        headers, problems = layout.scan_headers(folder)
+      except StudyError as e:
+        report.add(e, logger)
         continue
-      for f in files:
-        try:
-          headers.append(dicom.read_header(f, folder))
-        except StudyError as e:
-          problem = problem or e
-      uids = {h.study_uid for h in headers}
-      if problem is not None and not uids:
-        report.add(problem, logger)  # no readable file: the folder's study cannot even be named
+      uids = sorted({h.study_uid for h in headers})
+      if not uids:
+        report.add(problems[0], logger)  # no readable file: the folder's study cannot even be named
         continue
       for uid in uids:
         headers_by_study.setdefault(uid, []).extend(h for h in headers if h.study_uid == uid)
-        folder_of_study.setdefault(uid, folder)
-        if problem is not None:
-          broken_study.setdefault(uid, problem)
+        problems_by_study.setdefault(uid, []).extend(problems)
+        folder_of_study.setdefault(uid, os.fspath(folder))
   # The same studyUid in two annotation files is a duplicate too.
   all_annotations, duplicates = annotations_lib.drop_duplicates(all_annotations)
   for e in duplicates:
@@ -146,20 +132,23 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
   kept = []
   for a in all_annotations:
     folder = folder_of_study.get(a.study_uid)
-    name = f"{a.study_uid} ({folder or folders_of[a.study_uid]})"
+    name = f"{a.study_uid} ({folder or root_of[a.study_uid]})"
     try:
-      if a.study_uid in broken_study:
-        e = broken_study[a.study_uid]
-        raise StudyError(name, e.file, e.reason, e.kind)
       if folder is None:
-        raise StudyError(name, folders_of[a.study_uid], "no study folder holds a file of this studyUid",
+        raise StudyError(name, root_of[a.study_uid], "no study folder holds a file of this studyUid",
                          errors.MISSING_FOLDER)
-      records.read_annotated_study(folder, a, headers=headers_by_study[a.study_uid], study=name)
+      study = _TianchiStudy(a, folder, headers_by_study[a.study_uid], problems_by_study[a.study_uid])
+      _read(study, name)
     except StudyError as e:
       report.add(e, logger)
       continue
-    kept.append(_TianchiStudy(a, folder, headers_by_study[a.study_uid]))
+    kept.append(study)
   return kept
+
+
+def _read(study: _TianchiStudy, name: str | None = None) -> dict[str, Any]:
+  return records.read_annotated_study(study.folder, study.annotation, headers=study.headers,
+                                      problems=study.problems, study=name)
 
 
 # --------------------------------------------------------------------------------------------------- phantom
@@ -225,7 +214,7 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
     config: LumbarSpineConfig = self.builder_config  # type: ignore[assignment]
     for uid, item in items:
       if config.source == "tianchi":
-        record = records.read_annotated_study(item.folder, item.annotation, headers=item.headers)
+        record = _read(item)
       else:
         record = records.validate_record(_phantom_record(item, config.seed), study=f"phantom {item}")
         if record["study_uid"] != uid:

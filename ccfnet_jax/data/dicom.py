@@ -1,10 +1,10 @@
-"""Reads one study folder of DICOM files into the 3-slice input stack (SPEC §8).
+"""Reads the DICOM files of one study into the 3-slice input stack (docs/method.md#data).
 
 A study folder holds every series of one study mixed flat (`studyN/imageK.dcm`; file names carry no meaning).
 Reading:
-  1. `scan_folder`: headers only (`stop_before_pixels`), grouped by SeriesInstanceUID; each series gets its plane
-     from the normal of ImageOrientationPatient, and a sagittal series is sorted by ImagePositionPatient x,
-     descending (index = zIndex).
+  1. `layout.scan_headers` reads every file's header (`read_header`, no pixels); `group_series` groups them by
+     SeriesInstanceUID; each series gets its plane from the normal of ImageOrientationPatient, and a sagittal series
+     is sorted by ImagePositionPatient x, descending (index = zIndex).
   2. `read_study`: picks the slice — the annotation's SOPInstanceUID when given, else the T2-sagittal +
      brightest-middle-slice rule — and decodes only the pixels it needs: slices (z-1, z, z+1) with the edges
      repeated, MONOCHROME1 inverted, each channel min-max scaled to 0..65535 (uint16; a constant slice gives 0).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -90,7 +89,8 @@ class StudyImage:
 
 
 def plane_of(orientation: Sequence[float]) -> str:
-  """Plane from the normal (row x column) of ImageOrientationPatient (SPEC §8 thresholds)."""
+  """Plane from the unit normal (row x column) of ImageOrientationPatient: the first of x (sagittal), z (axial),
+  y (coronal) on which |normal| exceeds 0.75, else oblique (docs/method.md#data)."""
   row = np.asarray(orientation[:3], np.float64)
   col = np.asarray(orientation[3:6], np.float64)
   normal = np.cross(row, col)
@@ -104,12 +104,6 @@ def plane_of(orientation: Sequence[float]) -> str:
   if abs(normal[1]) > _PLANE_THRESHOLD:
     return "coronal"
   return "oblique"
-
-
-def dicom_files(folder: str | os.PathLike) -> list[str]:
-  """The `.dcm` files directly inside `folder`, sorted by name (the order carries no meaning)."""
-  folder = pathlib.Path(folder)
-  return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
 
 
 def read_header(path: str, study: str) -> SliceHeader:
@@ -156,17 +150,6 @@ def group_series(headers: Sequence[SliceHeader]) -> dict[str, Series]:
       ordered = sorted(members, key=lambda h: (float(np.dot(normal, h.position_mm)), h.instance_number, h.path))
     result[uid] = Series(series_uid=uid, description=members[0].description, plane=plane, slices=tuple(ordered))
   return result
-
-
-def scan_folder(folder: str | os.PathLike, study: str | None = None) -> list[SliceHeader]:
-  """Headers of every `.dcm` file in a study folder. Raises StudyError for a missing/empty folder or a bad file."""
-  study = study or os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise StudyError(study, os.fspath(folder), "study folder does not exist", errors.MISSING_FOLDER)
-  files = dicom_files(folder)
-  if not files:
-    raise StudyError(study, os.fspath(folder), "study folder holds no .dcm file", errors.EMPTY_FOLDER)
-  return [read_header(f, study) for f in files]
 
 
 def _decode(header: SliceHeader, study: str) -> np.ndarray:
@@ -220,30 +203,30 @@ def choose_series(series: dict[str, Series], study: str, folder: str) -> Series:
   return candidates[int(np.argmax(means))]
 
 
-def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, series_uid: str | None = None,
-               study_uid: str | None = None, headers: Sequence[SliceHeader] | None = None,
+def read_study(folder: str | os.PathLike, *, headers: Sequence[SliceHeader], problems: Sequence[StudyError] = (),
+               instance_uid: str | None = None, series_uid: str | None = None, study_uid: str | None = None,
                study: str | None = None) -> StudyImage:
   """Reads the 3-slice input stack of one study.
 
   Args:
-    folder: the study folder (`.../studyN`).
+    folder: the study folder (`.../studyN`), named in errors.
+    headers, problems: the folder's headers and the files that did not read (`layout.scan_headers(folder)`).
     instance_uid: the annotated SOPInstanceUID; when None, the T2-sagittal + middle-slice rule picks the slice.
     series_uid: the annotated SeriesInstanceUID; when given, the annotated instance must belong to it.
     study_uid: keep only files of this StudyInstanceUID (a folder may hold several studies).
-    headers: headers from an earlier `scan_folder(folder)` (saves re-reading them).
     study: the study's name in error messages (default: the folder).
 
   Returns:
     StudyImage with `image` uint16 `[H, W, 3]` (slices z-1, z, z+1, edges repeated, each min-max scaled).
 
   Raises:
-    StudyError: empty/missing folder, unreadable file, no sagittal series, annotated instance missing or not
+    StudyError: unreadable file, no sagittal series, annotated instance missing or not
       sagittal or in another series, bad pixel spacing, neighbour slices of another size.
   """
   folder = os.fspath(folder)
   study = study or folder
-  if headers is None:
-    headers = scan_folder(folder, study)
+  if problems:
+    raise problems[0]
   if study_uid is not None:
     headers = [h for h in headers if h.study_uid == study_uid]
     if not headers:

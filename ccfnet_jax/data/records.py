@@ -20,7 +20,7 @@ import numpy as np
 
 from ccfnet_jax import objects
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors
+from ccfnet_jax.data import dicom, errors, layout
 from ccfnet_jax.data.errors import StudyError
 
 N = objects.NUM_OBJECTS
@@ -107,15 +107,19 @@ def validate_record(record: Mapping[str, Any], study: str = "", file: str = "") 
 
 
 def read_annotated_study(folder: str | os.PathLike, annotation: annotations_lib.StudyAnnotation, *,
-                         headers: Sequence[dicom.SliceHeader] | None = None, study: str | None = None
-                         ) -> dict[str, Any]:
+                         headers: Sequence[dicom.SliceHeader] | None = None, problems: Sequence[StudyError] = (),
+                         study: str | None = None) -> dict[str, Any]:
   """Reads the annotated slice of one study and returns its validated record.
+
+  `headers` and `problems` come from `layout.scan_headers(folder)`, which runs here when `headers` is None.
 
   Raises:
     StudyError: anything `dicom.read_study`, `annotations.check_points_inside` or `validate_record` rejects.
   """
   study = study or f"{annotation.study_uid} ({os.fspath(folder)})"
-  image = dicom.read_study(folder, instance_uid=annotation.instance_uid, series_uid=annotation.series_uid,
-                           study_uid=annotation.study_uid, headers=headers, study=study)
+  if headers is None:
+    headers, problems = layout.scan_headers(folder, study)
+  image = dicom.read_study(folder, headers=headers, problems=problems, instance_uid=annotation.instance_uid,
+                           series_uid=annotation.series_uid, study_uid=annotation.study_uid, study=study)
   annotations_lib.check_points_inside(annotation, image.native_hw, study=study, file=image.path)
   return validate_record(make_record(image, annotation), study=study, file=image.path)

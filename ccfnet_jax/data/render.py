@@ -171,7 +171,7 @@ def _phantom_pictures(n: int, seed: int, start: int, size: int) -> list[Image.Im
 
 def _tianchi_pictures(manual_dir: str, n: int, start: int, size: int) -> list[Image.Image]:
   """Reads annotated studies straight from the official layout (`<name>_annotation.json` + `<name>/studyN/`)."""
-  from ccfnet_jax.data import annotations, dicom, records  # pylint: disable=g-import-not-at-top
+  from ccfnet_jax.data import annotations, layout, records  # pylint: disable=g-import-not-at-top
   from ccfnet_jax.data.errors import StudyError  # pylint: disable=g-import-not-at-top
   pictures = []
   json_paths = sorted(glob.glob(os.path.join(manual_dir, "*_annotation.json")))
@@ -185,11 +185,11 @@ def _tianchi_pictures(manual_dir: str, n: int, start: int, size: int) -> list[Im
       if len(pictures) >= n:
         return pictures
       try:
-        headers = dicom.scan_folder(folder)
+        headers, problems = layout.scan_headers(folder)
         uids = {h.study_uid for h in headers} & by_uid.keys()
         if not uids:
           continue
-        record = records.read_annotated_study(folder, by_uid[uids.pop()], headers=headers)
+        record = records.read_annotated_study(folder, by_uid[uids.pop()], headers=headers, problems=problems)
       except StudyError as e:
         print(f"skipping {folder}: {e}")
         continue
