@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import logging_utils, losses, parallel, train
-from ccfnet_jax.data import pipeline, sources
+from ccfnet_jax.data import pipeline, records
 
 FOLD_AXIS = 0
 """Axis of the stacked states, batches and scalars that indexes the fold."""
@@ -226,7 +226,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
   train_graphdef = eval_graphdef = None
   stride = None
   for k, (train_source, val_source) in zip(folds, opened):
-    counts = sources.label_counts(train_source)
+    counts = losses.label_counts(records.disease_labels(train_source))
     pos_weight = (losses.class_balanced_pos_weight(*counts["vertebra"]),
                   losses.class_balanced_pos_weight(*counts["disc"]))
     # The same key derivation as train.train_fold: fold k's model is initialised exactly as when trained alone.

@@ -38,7 +38,7 @@ from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import convert, coords, decode, losses, metrics, models, parallel, schedules, targets
 from ccfnet_jax import logging_utils
 from ccfnet_jax.data import augment as augment_lib
-from ccfnet_jax.data import pipeline, sources
+from ccfnet_jax.data import pipeline, records
 from ccfnet_jax.maps import Maps
 from ccfnet_jax.models import layers
 
@@ -367,8 +367,9 @@ def data_dir_of(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def open_sources(config: ml_collections.ConfigDict, fold: int, workdir: str) -> tuple[Sequence[Any], Sequence[Any]]:
   """(train_source, val_source) of `fold`; process 0 builds the dataset on first use while the others wait."""
-  if config.dataset not in sources.DATASETS:
-    raise ValueError(f"config.dataset = {config.dataset!r}: expected one of {sources.DATASETS}")
+  import tfds_spine  # pylint: disable=g-import-not-at-top  (TFDS is only needed when opening TFDS data)
+  if config.dataset not in tfds_spine.DATASETS:
+    raise ValueError(f"config.dataset = {config.dataset!r}: expected one of {tfds_spine.DATASETS}")
   kwargs: dict[str, Any] = {}
   manual_dir = None
   if config.dataset == "phantom":
@@ -383,7 +384,7 @@ def open_sources(config: ml_collections.ConfigDict, fold: int, workdir: str) -> 
   data_dir = data_dir_of(config, workdir)
 
   def open_():
-    return sources.open_fold(config.dataset, data_dir, manual_dir, fold=fold, num_folds=config.num_folds, **kwargs)
+    return tfds_spine.open_fold(config.dataset, data_dir, manual_dir, fold=fold, num_folds=config.num_folds, **kwargs)
 
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -455,7 +456,7 @@ def train_fold(config: ml_collections.ConfigDict, fold: int, workdir: str | os.P
 
   # Data.
   train_source, val_source = open_sources(config, fold, workdir)
-  counts = sources.label_counts(train_source)
+  counts = losses.label_counts(records.disease_labels(train_source))
   pos_weight = (losses.class_balanced_pos_weight(*counts["vertebra"]),
                 losses.class_balanced_pos_weight(*counts["disc"]))
   epoch_steps = steps_per_epoch(config, len(train_source))

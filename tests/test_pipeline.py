@@ -1,4 +1,5 @@
-"""Tests of the host input pipeline (ccfnet_jax.data.pipeline) and of label counting (ccfnet_jax.data.sources)."""
+"""Tests of the host input pipeline (ccfnet_jax.data.pipeline), of reading a source's labels (records.disease_labels)
+and of the sources of one fold (tfds_spine.open_fold)."""
 
 import itertools
 
@@ -6,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from ccfnet_jax import objects
-from ccfnet_jax.data import errors, pipeline, sources
+import tfds_spine
+from ccfnet_jax import losses, objects
+from ccfnet_jax.data import errors, pipeline
+from ccfnet_jax.data import records as records_lib
 
 S = 64
 N_OBJ = objects.NUM_OBJECTS
@@ -157,7 +160,7 @@ def test_to_global_shards_on_eight_devices(records):
 
 
 def test_label_counts(records):
-  counts = sources.label_counts(records)
+  counts = losses.label_counts(records_lib.disease_labels(records))
   disease = np.stack([r["disease"] for r in records])
   vertebra, disc = disease[:, list(objects.VERTEBRA_INDICES)], disease[:, list(objects.DISC_INDICES)]
   assert counts == {"vertebra": (int((vertebra == 0).sum()), int((vertebra == 1).sum())),
@@ -184,7 +187,7 @@ def test_worker_processes_give_the_same_batches_and_resume(records):
 
 def test_open_fold_on_phantoms_feeds_the_pipeline(tmp_path):
   pytest.importorskip("ccfnet_jax.data.phantom")
-  train, val = sources.open_fold("phantom", tmp_path, fold=1, num_studies=8)
+  train, val = tfds_spine.open_fold("phantom", tmp_path, fold=1, num_studies=8)
   assert len(train) + len(val) == 8 and len(val) >= 1
   train_uids = {train[i]["study_uid"] for i in range(len(train))}
   val_uids = {val[i]["study_uid"] for i in range(len(val))}
@@ -193,13 +196,13 @@ def test_open_fold_on_phantoms_feeds_the_pipeline(tmp_path):
   assert 1 not in {int(train[i]["fold"]) for i in range(len(train))}
   (batch, *_) = list(pipeline.eval_dataset(val, batch_size=2, image_size=S))
   assert batch["image"].shape == (2, S, S, 3) and batch["example_valid"][0]
-  counts = sources.label_counts(train)
+  counts = losses.label_counts(records_lib.disease_labels(train))
   assert sum(counts["vertebra"]) + sum(counts["disc"]) == sum(int((train[i]["disease"] >= 0).sum())
                                                                for i in range(len(train)))
   with pytest.raises(ValueError, match="fold"):
-    sources.open_fold("phantom", tmp_path, fold=4)
+    tfds_spine.open_fold("phantom", tmp_path, fold=4)
   with pytest.raises(ValueError, match="manual_dir"):
-    sources.open_fold("tianchi", tmp_path)
+    tfds_spine.open_fold("tianchi", tmp_path)
 
 
 def test_augment_on_a_sharded_batch_equals_unsharded(records):

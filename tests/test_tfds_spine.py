@@ -41,6 +41,14 @@ def test_folds_reject_repeated_uids():
     folds.assign_folds(["a", "b", "a"])
 
 
+def test_fold_splits_name_the_other_folds_for_training():
+  assert tfds_spine.fold_splits(1, 4) == ("fold0+fold2+fold3", "fold1")
+  assert tfds_spine.fold_splits(0, 2) == ("fold1", "fold0")
+  for bad in ((4, 4), (-1, 4), (0, 1)):
+    with pytest.raises(ValueError, match="fold"):
+      tfds_spine.fold_splits(*bad)
+
+
 # ------------------------------------------------------------------------------------------------ tianchi
 def points_for(z_index: int) -> list[dict]:
   return default_points(z_index, HW)

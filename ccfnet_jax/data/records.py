@@ -106,6 +106,19 @@ def validate_record(record: Mapping[str, Any], study: str = "", file: str = "") 
   return out
 
 
+def disease_labels(source: Sequence[Mapping[str, Any]]) -> np.ndarray:
+  """The `disease` field of every record of a source, stacked: int32 `[N, 11]` (1, 0, -1 unknown).
+
+  Reads only that field (a TFDS source still reads each stored example, but nothing is resized).
+  """
+  if len(source) == 0:
+    raise ValueError("disease_labels: the source is empty")
+  disease = np.stack([np.asarray(source[i]["disease"], np.int32) for i in range(len(source))])
+  if disease.shape[1:] != (N,):
+    raise ValueError(f"disease_labels: 'disease' must be [{N}] per record, got {disease.shape[1:]}")
+  return disease
+
+
 def read_annotated_study(folder: str | os.PathLike, annotation: annotations_lib.StudyAnnotation, *,
                          headers: Sequence[dicom.SliceHeader] | None = None, problems: Sequence[StudyError] = (),
                          study: str | None = None) -> dict[str, Any]:
