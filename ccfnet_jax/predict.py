@@ -35,7 +35,7 @@ folder, file, reason and kind (the run goes on without them), warnings (e.g. a s
 list), problems in the annotation file, and what was run (checkpoint, step, image size, threshold).
 
 Overlays (`--overlays=DIR`): `DIR/<study folder>.png`, the slice with each point, its name and its probability
-(`render.draw_study`; with annotations, a ring in the colour of the true label).
+(`draw.draw_study`; with annotations, a ring in the colour of the true label).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 from ccfnet_jax import __version__, inference, objects, parallel
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, layout, pipeline, render
+from ccfnet_jax.data import dicom, draw, errors, layout, pipeline
 from ccfnet_jax.data.errors import StudyError
 from ccfnet_jax.train import write_json
 
@@ -187,7 +187,7 @@ def draw_overlay(loaded: _Loaded, pred: StudyPrediction, directory: str | os.Pat
   """Writes `directory/<folder name>.png`: the slice with the predicted points, names and probabilities."""
   assert loaded.image is not None
   labels = None if loaded.annotation is None else loaded.annotation.disease
-  picture = render.draw_study(loaded.image.image, pred.pred_xy, probs=pred.prob, labels=labels,
+  picture = draw.draw_study(loaded.image.image, pred.pred_xy, probs=pred.prob, labels=labels,
                               title=f"{loaded.folder.name} z={pred.z_index}")
   path = os.path.join(os.fspath(directory), f"{loaded.folder.name}.png")
   picture.save(path)
