@@ -5,6 +5,8 @@ import collections
 import hashlib
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -245,3 +247,20 @@ def test_tianchi_config_on_phantoms_in_the_official_layout(tmp_path):
       np.testing.assert_array_equal(ex[name], np.asarray(record[name]), err_msg=name)
     assert [t.decode() for t in ex["tags"]] == list(record["tags"])
     assert (ex["series_uid"].decode(), ex["instance_uid"].decode()) == (record["series_uid"], record["instance_uid"])
+
+
+# ------------------------------------------------------------------------------------------------ command
+def _build_command(*args):
+  return subprocess.run([sys.executable, "-m", "tfds_spine.build", *args], cwd=pathlib.Path(__file__).parents[1],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_build_command_builds_phantoms_and_refuses_old_flags(tmp_path):
+  result = _build_command("--dataset=phantom", "--phantom_studies=4", f"--data_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '"num_examples": 4' in result.stdout
+  assert len(tfds_spine.load_source("phantom", "fold0+fold1+fold2+fold3", tmp_path, num_studies=4)) == 4
+  for old, new in (("--config=phantom", "--dataset"), ("--num_studies=4", "--phantom_studies")):
+    result = _build_command(old, f"--data_dir={tmp_path / 'other'}")
+    assert result.returncode != 0 and f"is now {new}" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "other").exists()
