@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, folds, layout, records
+from ccfnet_jax.data import dicom, errors, folds, layout, phantom, records
 from ccfnet_jax.data.errors import SkipReport, StudyError
 
 logger = logging.getLogger(__name__)
@@ -151,18 +151,6 @@ def _read(study: _TianchiStudy, name: str | None = None) -> dict[str, Any]:
                                       problems=study.problems, study=name)
 
 
-# --------------------------------------------------------------------------------------------------- phantom
-def _phantom_uid(index: int, seed: int) -> str:
-  """The studyUid of phantom `index` without rendering it (engineer D's `phantom_study` holds only parameters)."""
-  from ccfnet_jax.data import phantom  # imported only when phantoms are built
-  return phantom.phantom_study(index, seed).study_uid
-
-
-def _phantom_record(index: int, seed: int) -> dict[str, Any]:
-  from ccfnet_jax.data import phantom
-  return phantom.generate_study(index, seed=seed)
-
-
 # --------------------------------------------------------------------------------------------------- builder
 class LumbarSpine(tfds.core.GeneratorBasedBuilder):
   """Lumbar-spine MRI studies with 11 points and disease labels; splits fold0..fold3."""
@@ -189,7 +177,7 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
       # Phantoms are rendered once, when written; a record that breaks the contract is a bug and raises there.
       items = {}
       for index in range(config.num_studies):
-        uid = _phantom_uid(index, config.seed)
+        uid = phantom.phantom_study(index, config.seed).study_uid  # parameters only, no pixels
         if uid in items:
           raise ValueError(f"phantom {index} repeats the studyUid of phantom {items[uid]}: {uid}")
         items[uid] = index
@@ -216,7 +204,7 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
       if config.source == "tianchi":
         record = _read(item)
       else:
-        record = records.validate_record(_phantom_record(item, config.seed), study=f"phantom {item}")
+        record = records.validate_record(phantom.generate_study(item, config.seed), study=f"phantom {item}")
         if record["study_uid"] != uid:
           raise ValueError(f"phantom {item}: generate_study gave studyUid {record['study_uid']}, expected {uid}")
       yield uid, to_example(record, fold)
