@@ -1,7 +1,7 @@
 """Draws a grid of studies with their 11 points and labels (`data.draw`), to check a data set by eye.
 
   python -m ccfnet_jax.render --dataset=phantom --num_pictures=16 --output=grid.png
-  python -m ccfnet_jax.render --dataset=tianchi --manual_dir=../shared/data/tianchi --output=real.png
+  python -m ccfnet_jax.render --dataset=tianchi --manual_dir=DIR --output=real.png
   python -m ccfnet_jax.render --dataset=phantom --data_dir=tfds_data --output=grid.png   (a built TFDS data set)
 """
 

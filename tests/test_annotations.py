@@ -1,4 +1,4 @@
-"""Annotation parsing: every label quirk of SPEC §6 on small hand-made JSONs, and the reported problems."""
+"""Annotation parsing: every label quirk (docs/method.md#labels) on small hand-made JSONs, and the reported problems."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """Builds `lumbar_spine/<dataset>` into a data dir and prints what was built and skipped.
 
   python -m tfds_spine.build --dataset=phantom --data_dir=~/tensorflow_datasets [--phantom_studies=200]
-  python -m tfds_spine.build --dataset=tianchi --data_dir=DIR --manual_dir=../shared/data/tianchi
+  python -m tfds_spine.build --dataset=tianchi --data_dir=DIR --manual_dir=DIR
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Configs:
 
 Bad studies are logged (study, file, reason), skipped, and tallied; the tally is stored in the dataset's
 metadata (`builder.info.metadata["build_summary"]`, i.e. `metadata.json` beside the array_record files).
-Folds follow SPEC §8 (`ccfnet_jax.data.folds`) over the studies that were built, so fold sizes differ by at most one.
+Folds follow `ccfnet_jax.data.folds` (docs/method.md#folds) over the studies built, so fold sizes differ by at most one.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parses the official Tianchi annotation JSON into one `StudyAnnotation` per study (SPEC §6, §8).
+"""Parses the official Tianchi annotation JSON into one `StudyAnnotation` per study (docs/method.md#labels).
 
 Schema: a list of studies `{studyUid, version, data: [{seriesUid, instanceUid, annotation: [{annotator,
 data: {point: [{coord: [x, y], tag: {identification, vertebra | disc}, zIndex}]}}]}]}`; `coord` is (column, row)

@@ -1,7 +1,7 @@
 """Writes a series of 2-D slices as valid DICOM MR files (pydicom 3, Explicit VR Little Endian).
 
 Generic: it knows nothing about spines or annotations. Used by the tests to build small studies and by the phantom
-generator to write studies in the official Tianchi layout (SPEC §8).
+generator to write studies in the official Tianchi layout (docs/method.md#data).
 """
 
 from __future__ import annotations

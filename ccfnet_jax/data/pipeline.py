@@ -6,7 +6,7 @@ Source: anything with `__len__` and `__getitem__` returning a study record (`ccf
 
 Each record is stretched (not letterboxed) to `image_size` x `image_size` on the host: uint16 -> float32 in [0, 1]
 (/ 65535), resized per channel with PIL's bilinear filter (which widens its support when shrinking, so downsizing is
-antialiased; it uses the same continuous pixel convention as SPEC §5: pixel i covers [i, i + 1)). Points are scaled
+antialiased; it uses the continuous pixel convention of docs/method.md#coordinates: pixel i covers [i, i + 1)). Points are scaled
 with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
 
 Batch contract (host numpy; `to_global` makes them global jax arrays sharded on the mesh's "data" axis):

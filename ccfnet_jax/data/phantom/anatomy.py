@@ -19,7 +19,7 @@ SALT = 20220311
 """Fixed salt of every seed sequence (changing it changes every phantom)."""
 # Streams of random numbers of one study.
 ANATOMY, T2_NOISE, T1_NOISE, DECOYS, ORDER = 0, 1, 2, 3, 4
-# Official layout: slice gap (mm) between sagittal slices, as in the Tianchi README.
+# Slice gap (mm) between sagittal slices, as in the real release.
 SLICE_GAP_MM = 4.4
 # Fraction of studies whose top disc (T12-L1) is not annotated.
 MISSING_TOP_DISC_RATE = 0.03
