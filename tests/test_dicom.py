@@ -5,7 +5,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from ccfnet_jax.data import dicom, dicom_write, errors
+import bad_inputs
+from ccfnet_jax.data import dicom, dicom_write, errors, layout
 from ccfnet_jax.data.errors import StudyError
 from synthetic_studies import read_folder, write_study
 
@@ -196,3 +197,81 @@ def test_missing_pixel_spacing(tmp_path):
   ds.save_as(s.files[0], enforce_file_format=True)
   e = expect_error(errors.BAD_IMAGE, read_folder, s.folder, instance_uid=s.instance_uids[0])
   assert "PixelSpacing" in e.reason
+
+
+# ------------------------------------------------------------------------------------------------ damaged files
+@pytest.mark.parametrize("cut", [141, 152])
+def test_file_cut_inside_its_file_meta_fails_the_study_naming_file_and_study(tmp_path, cut):
+  s = write_study(tmp_path / "s")
+  bad = s.files[1]
+  bad.write_bytes(bad.read_bytes()[:cut])
+  e = expect_error(errors.CORRUPT_DICOM, read_folder, s.folder, instance_uid=s.instance_uids[1], study="study s")
+  assert e.file == str(bad) and e.study == "study s"
+
+
+def test_unknown_value_representation_is_a_corrupt_file(tmp_path):
+  s = write_study(tmp_path / "s")
+  bad = s.decoy_files[0]
+  bad.write_bytes(bad_inputs.with_unknown_vr(bad.read_bytes()))
+  e = expect_error(errors.CORRUPT_DICOM, read_folder, s.folder, instance_uid=s.instance_uids[1], study="s")
+  assert e.file == str(bad)
+
+
+@pytest.mark.parametrize("kind", bad_inputs.OTHER_KINDS)
+def test_files_of_another_series_that_are_no_usable_image_are_left_out(tmp_path, kind):
+  s = write_study(tmp_path / "s", n_slices=3)
+  clean_annotated = read_folder(s.folder, instance_uid=s.instance_uids[1])
+  clean_rule = read_folder(s.folder)
+  bad_inputs.write_other_file(s.folder / "other.dcm", kind, s.study_uid)
+  got = read_folder(s.folder, instance_uid=s.instance_uids[1])
+  np.testing.assert_array_equal(got.image, clean_annotated.image)
+  assert got.instance_uid == clean_annotated.instance_uid
+  assert read_folder(s.folder).instance_uid == clean_rule.instance_uid
+  _, problems = layout.scan_headers(s.folder)
+  assert problems and all(p.kind == errors.NOT_AN_IMAGE and p.series_uid for p in problems)
+  assert {e.file for e in got.ignored} == {p.file for p in problems}
+
+
+@pytest.mark.parametrize("kind", bad_inputs.OTHER_KINDS)
+def test_an_unusable_file_in_the_needed_series_fails_the_study(tmp_path, kind):
+  s = write_study(tmp_path / "s", n_slices=3)
+  bad_inputs.write_other_file(s.folder / "other.dcm", kind, s.study_uid, series_uid=s.series_uid)
+  e = expect_error(errors.NOT_AN_IMAGE, read_folder, s.folder, instance_uid=s.instance_uids[1])
+  assert "other" in e.file
+
+
+def test_missing_pixel_decoder_names_the_transfer_syntax_and_the_packages(tmp_path):
+  s = write_study(tmp_path / "s", n_slices=3)
+  bad_inputs.make_jpeg_ls(s.files[2])
+  e = expect_error(errors.UNSUPPORTED_TRANSFER_SYNTAX, read_folder, s.folder, instance_uid=s.instance_uids[1])
+  assert e.file == str(s.files[2])
+  assert "JPEG-LS" in e.reason and "pylibjpeg" in e.reason and "gdcm" in e.reason
+  read_folder(s.folder, instance_uid=s.instance_uids[0]).image  # slices 0 and 1 alone still read  # noqa: B018
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("field", ["position", "orientation"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_geometry_is_rejected_in_the_needed_series_and_ignored_elsewhere(tmp_path, field, value):
+  s = write_study(tmp_path / "s", n_slices=3)
+  geometry = {"position": [value, 0.0, 0.0]} if field == "position" else {"orientation": [0, 1, 0, 0, 0, value]}
+  bad_inputs.set_geometry(s.decoy_files[0], **geometry)  # a T1 decoy
+  got = read_folder(s.folder, instance_uid=s.instance_uids[1])
+  assert got.z_index == 1 and [e.kind for e in got.ignored] == [errors.BAD_GEOMETRY]
+  bad_inputs.set_geometry(s.files[0], **geometry)  # a neighbour of the annotated slice
+  e = expect_error(errors.BAD_GEOMETRY, read_folder, s.folder, instance_uid=s.instance_uids[1])
+  assert e.file == str(s.files[0]) and ("nan" in e.reason or "inf" in e.reason)
+
+
+def test_the_same_instance_in_two_files_is_refused(tmp_path):
+  s = write_study(tmp_path / "s", n_slices=3, decoys=False)
+  (s.folder / "copy.dcm").write_bytes(s.files[1].read_bytes())
+  e = expect_error(errors.BAD_IMAGE, read_folder, s.folder, instance_uid=s.instance_uids[1])
+  assert "2 files" in e.reason
+
+
+def test_a_folder_where_no_file_reads_raises_its_first_problem(tmp_path):
+  (tmp_path / "s").mkdir()
+  (tmp_path / "s" / "a.dcm").write_bytes(b"junk" * 50)
+  e = expect_error(errors.CORRUPT_DICOM, layout.scan_headers, tmp_path / "s", "s")
+  assert e.file.endswith("a.dcm")

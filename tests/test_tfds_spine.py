@@ -58,11 +58,12 @@ def points_for(z_index: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
-  """A tiny release: 2 annotation files, 6 good studies and one of each kind of bad input.
+  """A tiny release in a folder whose name holds glob characters: 3 annotation files (one not JSON), 6 good studies
+  and one of each kind of bad input.
 
   Returns (manual_dir, expected good entries by studyUid, expected skip counts by kind).
   """
-  root = tmp_path_factory.mktemp("manual")
+  root = tmp_path_factory.mktemp("manual") / "release[v1]*"
   entries, good = [], {}
   for i in range(5):
     s = write_study(root / "lumbar_t" / f"study{i}", n_slices=3, hw=HW, spacing_mm=(0.5 + 0.1 * i, 0.6), seed=i)
@@ -98,14 +99,21 @@ def manual_dir(tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
   # An empty folder, and an annotated study with no folder at all.
   (root / "lumbar_t" / "study_empty").mkdir()
   entries.append(entry(generate_uid(), generate_uid(), generate_uid(), points_for(1)))
-  write_json(root / "lumbar_t_annotation.json", entries)
   # A second pair; its one study has 10 points (no T12-L1) and a T11-T12 alias would be absent too.
   s = write_study(root / "lumbar_u" / "study0", n_slices=1, hw=HW, spacing_mm=(0.8, 0.8), seed=20)
   pts = [p for p in points_for(0) if p["tag"]["identification"] != "T12-L1"]
   e = entry(s.study_uid, s.series_uid, s.instance_uids[0], pts)
   write_json(root / "lumbar_u_annotation.json", [e])
   good[s.study_uid] = (e, s)
-  expected_skips = {errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1, errors.MISSING_INSTANCE: 1,
+  # A third pair whose annotation file is no JSON: reported, the other pairs still build.
+  write_study(root / "lumbar_w" / "study0", hw=HW, seed=30)
+  (root / "lumbar_w_annotation.json").write_text("[{not json")
+  # A study whose zIndex is a list, among good ones.
+  s = write_study(root / "lumbar_t" / "study_zlist", hw=HW, seed=16)
+  bad_z = [dict(p, zIndex=[1]) for p in points_for(1)]
+  entries.append(entry(s.study_uid, s.series_uid, s.instance_uids[1], bad_z))
+  write_json(root / "lumbar_t_annotation.json", entries)
+  expected_skips = {errors.BAD_ANNOTATION: 2, errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1, errors.MISSING_INSTANCE: 1,
                     errors.POINTS_OUTSIDE: 1, errors.UNKNOWN_IDENTIFICATION: 1, errors.DUPLICATE_STUDY: 2,
                     errors.EMPTY_FOLDER: 1, errors.MISSING_FOLDER: 1}
   return root, good, expected_skips

@@ -102,7 +102,11 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
   problems_by_study: dict[str, list[StudyError]] = {}
   folder_of_study: dict[str, str] = {}
   for json_path, root in pairs:
-    good, bad = annotations_lib.load_annotations(json_path)
+    try:
+      good, bad = annotations_lib.load_annotations(json_path)
+    except StudyError as e:  # the whole file is unusable: report it, build the other pairs
+      report.add(e, logger)
+      continue
     for e in bad:
       report.add(e, logger)
     all_annotations += good
@@ -116,13 +120,10 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
       except StudyError as e:
         report.add(e, logger)
         continue
-      uids = sorted({h.study_uid for h in headers})
-      if not uids:
-        report.add(problems[0], logger)  # no readable file: the folder's study cannot even be named
-        continue
-      for uid in uids:
+      for uid in sorted({h.study_uid for h in headers}):
         headers_by_study.setdefault(uid, []).extend(h for h in headers if h.study_uid == uid)
-        problems_by_study.setdefault(uid, []).extend(problems)
+        # A bad file whose studyUid is unknown may belong to any study of the folder.
+        problems_by_study.setdefault(uid, []).extend(p for p in problems if p.study_uid in ("", uid))
         folder_of_study.setdefault(uid, os.fspath(folder))
   # The same studyUid in two annotation files is a duplicate too.
   all_annotations, duplicates = annotations_lib.drop_duplicates(all_annotations)
@@ -142,6 +143,8 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
     except StudyError as e:
       report.add(e, logger)
       continue
+    for e in study.problems:  # the study read, so none of its bad files mattered
+      report.note(e.for_study(name), logger)
     kept.append(study)
   return kept
 

@@ -70,9 +70,11 @@ def scan_headers(folder: str | os.PathLike, study: str | None = None
   """Reads the header (no pixels) of every `.dcm` file of one study folder.
 
   Returns:
-    (headers of the files that read, one StudyError per file that did not), both in file-name order.
+    (headers of the files that read, one StudyError per file that did not), both in file-name order; the headers
+    are never empty.
   Raises:
-    StudyError: the folder is missing (missing_folder) or holds no `.dcm` file (empty_folder).
+    StudyError: the folder is missing (missing_folder), holds no `.dcm` file (empty_folder), or no file of it reads
+      (the first file's problem).
   """
   study = study or os.fspath(folder)
   if not os.path.isdir(folder):
@@ -86,4 +88,6 @@ def scan_headers(folder: str | os.PathLike, study: str | None = None
       headers.append(dicom.read_header(path, study))
     except StudyError as e:
       problems.append(e)
+  if not headers:
+    raise problems[0]
   return headers, problems
