@@ -3,6 +3,7 @@ folds reproducible and balanced."""
 
 import collections
 import hashlib
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from pydicom.uid import generate_uid
 
 import tfds_spine
@@ -241,11 +243,17 @@ def test_phantom_config_builds_and_reads(tmp_path):
   assert tfds_spine.build_summary(builder)["num_examples"] == n
 
 
-def test_tianchi_config_on_phantoms_in_the_official_layout(tmp_path):
+def test_standard_tfds_calls_build_and_read_without_tensorflow(tmp_path):
+  """tfds.builder / download_and_prepare / tfds.data_source, exactly as TFDS documents them, on phantom studies
+  written in the official layout; array_record is the builder's own default, so no TensorFlow is needed."""
   phantom = pytest.importorskip("ccfnet_jax.data.phantom")
+  assert importlib.util.find_spec("tensorflow") is None  # the point of the test: no TensorFlow installed
   phantom.write_official_layout(tmp_path / "manual", 4, seed=5)
-  source = tfds_spine.load_source("tianchi", "fold0+fold1+fold2+fold3", tmp_path / "data",
-                                  manual_dir=tmp_path / "manual")
+  data_dir = tmp_path / "data"
+  builder = tfds.builder("lumbar_spine/tianchi", data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "manual"))
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  source = tfds.data_source("lumbar_spine/tianchi", data_dir=data_dir, split="fold0+fold1+fold2+fold3")
   assert len(source) == 4
   by_uid = {source[i]["study_uid"].decode(): source[i] for i in range(4)}
   for index in range(4):

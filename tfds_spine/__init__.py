@@ -33,7 +33,7 @@ def get_builder(config_name: str, data_dir: str | os.PathLike, *, num_studies: i
     if num_studies is not None:
       raise ValueError("num_studies applies to the phantom config only")
     config = TIANCHI
-  return LumbarSpine(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  return LumbarSpine(config=config, data_dir=os.fspath(data_dir))
 
 
 def prepare(config_name: str, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None = None,

@@ -163,6 +163,12 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [TIANCHI, PHANTOM]
   DEFAULT_CONFIG_NAME = "phantom"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
+  DEFAULT_FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
+
+  def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs: Any):
+    # TFDS falls back to tfrecord, whose writer needs TensorFlow; array_record (random access, no TensorFlow) is
+    # this data set's format, also under plain `tfds.builder(...)` / `tfds.data_source(...)`.
+    super().__init__(file_format=file_format or self.DEFAULT_FILE_FORMAT, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
