@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from ccfnet_jax.data import dicom_write
 
@@ -149,13 +149,7 @@ def write_other_file(path, kind: str, study_uid: str, series_uid: str | None = N
                "presentation_state": "1.2.840.10008.5.1.4.1.1.11.1",
                "enhanced_multiframe": "1.2.840.10008.5.1.4.1.1.4.1"}[kind]
   uid = generate_uid()
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = sop_class
-  meta.MediaStorageSOPInstanceUID = uid
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+  ds = dicom_write.new_dataset(sop_class, uid)
   ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
   ds.Modality = {"structured_report": "SR", "presentation_state": "PR"}.get(kind, "MR")
   if kind == "structured_report":
