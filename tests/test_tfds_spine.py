@@ -115,8 +115,8 @@ def manual_dir(tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
   bad_z = [dict(p, zIndex=[1]) for p in points_for(1)]
   entries.append(entry(s.study_uid, s.series_uid, s.instance_uids[1], bad_z))
   write_json(root / "lumbar_t_annotation.json", entries)
-  expected_skips = {errors.BAD_ANNOTATION: 2, errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1, errors.MISSING_INSTANCE: 1,
-                    errors.POINTS_OUTSIDE: 1, errors.UNKNOWN_IDENTIFICATION: 1, errors.DUPLICATE_STUDY: 2,
+  expected_skips = {errors.BAD_ANNOTATION: 2, errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1,
+                    errors.MISSING_INSTANCE: 1, errors.POINTS_OUTSIDE: 1, errors.UNKNOWN_IDENTIFICATION: 1, errors.DUPLICATE_STUDY: 2,
                     errors.EMPTY_FOLDER: 1, errors.MISSING_FOLDER: 1}
   return root, good, expected_skips
 

@@ -5,9 +5,9 @@ bilinear resampling (zeros outside) and to the points with the same matrix; poin
 invalid and their disease label becomes -1. Then intensity scaling, a cubic bias field and (off by default) Gaussian
 noise, and a clip to [0, 1]. Everything is vmapped over the batch and deterministic given the key. No Flax, no I/O.
 
-Coordinate convention (docs/method.md#coordinates, facts in `ccfnet_jax.coords`): continuous (x, y) in input pixels, pixel column j
-covers [j, j + 1) so its centre is at j + 0.5; a horizontal flip maps x to W - x (`coords.flip_points_x`; here the
-flip is one factor of the composed matrix, and a test pins the two to agree).
+Coordinate convention (docs/method.md#coordinates, facts in `ccfnet_jax.coords`): continuous (x, y) in input pixels,
+pixel column j covers [j, j + 1) so its centre is at j + 0.5; a horizontal flip maps x to W - x
+(`coords.flip_points_x`; here the flip is one factor of the composed matrix, and a test pins the two to agree).
 
 Matrices are 3x3 homogeneous, acting on column vectors (x, y, 1), and map an input position to its output position.
 Rotation: a positive angle turns the picture clockwise on screen (the y axis points down).

@@ -142,7 +142,8 @@ def read_header(path: str, study: str) -> SliceHeader:
     raise fail(f"unreadable DICOM header: {type(e).__name__}: {e}") from e
   try:
     ids = {key: _text(ds, keyword) for key, keyword in _IDENTITY.items()}
-    sop_class = _text(ds, "SOPClassUID") or _text(getattr(ds, "file_meta", pydicom.Dataset()), "MediaStorageSOPClassUID")
+    meta = getattr(ds, "file_meta", pydicom.Dataset())
+    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
     frames = ds.get("NumberOfFrames")
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
   except Exception as e:  # pydicom converts values lazily: a broken value raises here

@@ -6,8 +6,8 @@ Source: anything with `__len__` and `__getitem__` returning a study record (`ccf
 
 Each record is stretched (not letterboxed) to `image_size` x `image_size` on the host: uint16 -> float32 in [0, 1]
 (/ 65535), resized per channel with PIL's bilinear filter (which widens its support when shrinking, so downsizing is
-antialiased; it uses the continuous pixel convention of docs/method.md#coordinates: pixel i covers [i, i + 1)). Points are scaled
-with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
+antialiased; it uses the continuous pixel convention of docs/method.md#coordinates: pixel i covers [i, i + 1)).
+Points are scaled with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
 
 Batch contract (host numpy; `to_global` makes them global jax arrays sharded on the mesh's "data" axis):
   image float32 `[B, S, S, 3]` in [0, 1]; points_xy float32 `[B, 11, 2]` input px; points_xy_native float32

@@ -62,11 +62,11 @@ CONTRASTS: dict[str, Tissues] = {
 
 # Segments from the top, heights in mm along the spine (before the per-study scale and jitter).
 BODY_HEIGHT_MM = dict(T11=22.0, T12=23.5, L1=25.0, L2=26.0, L3=26.5, L4=26.5, L5=26.0, S1=26.0, S2=20.0, S3=16.0,
-                       S4=13.0)
+                      S4=13.0)
 DISC_HEIGHT_MM = {"T11-T12": 5.5, "T12-L1": 6.5, "L1-L2": 8.0, "L2-L3": 9.0, "L3-L4": 9.5, "L4-L5": 10.5,
-                   "L5-S1": 10.0, "S1-S2": 1.5, "S2-S3": 1.0, "S3-S4": 0.8}
+                  "L5-S1": 10.0, "S1-S2": 1.5, "S2-S3": 1.0, "S3-S4": 0.8}
 SEGMENTS = ("T11", "T11-T12", "T12", "T12-L1", "L1", "L1-L2", "L2", "L2-L3", "L3", "L3-L4", "L4", "L4-L5", "L5",
-             "L5-S1", "S1", "S1-S2", "S2", "S2-S3", "S3", "S3-S4", "S4")
+            "L5-S1", "S1", "S1-S2", "S2", "S2-S3", "S3", "S3-S4", "S4")
 # Prevalence of disc disease per level (T12-L1..L5-S1) and of vertebral degeneration, at a mean "age".
 DISC_PREVALENCE = (0.22, 0.33, 0.45, 0.55, 0.72, 0.7)
 VERTEBRA_PREVALENCE = 0.8
