@@ -130,16 +130,20 @@ def write_other_file(path, kind: str, study_uid: str, series_uid: str | None = N
   SOPInstanceUID. Kinds: a structured report and a presentation state (no image), a 3-plane localizer (one file
   per plane, `path` gets `_k` suffixes), an enhanced multi-frame MR image (geometry in functional groups only)."""
   path = pathlib.Path(path)
-  series_uid = series_uid or generate_uid()
+
+  def uid(*parts: object) -> str:  # the same call writes the same bytes
+    return generate_uid(entropy_srcs=[study_uid, kind, path.name, *map(str, parts)])
+
+  series_uid = series_uid or uid("series")
   if kind == "localizer":
     orientations = (dicom_write.SAGITTAL_ORIENTATION, dicom_write.AXIAL_ORIENTATION,
                     dicom_write.CORONAL_ORIENTATION)
     paths = [path.with_name(f"{path.stem}_{k}{path.suffix}") for k in range(3)]
     uids = []
-    for p, orientation in zip(paths, orientations):
+    for k, (p, orientation) in enumerate(zip(paths, orientations)):
       uids += dicom_write.write_series([p], [np.full((6, 6), 900, np.uint16)], study_uid=study_uid,
                                        series_uid=series_uid, description="localizer", orientation=orientation,
-                                       positions=[(0.0, 0.0, 0.0)], instance_uids=[generate_uid()])
+                                       positions=[(0.0, 0.0, 0.0)], instance_uids=[uid("instance", k)])
     for p in paths:
       ds = pydicom.dcmread(p)
       ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
@@ -148,8 +152,8 @@ def write_other_file(path, kind: str, study_uid: str, series_uid: str | None = N
   sop_class = {"structured_report": "1.2.840.10008.5.1.4.1.1.88.11",
                "presentation_state": "1.2.840.10008.5.1.4.1.1.11.1",
                "enhanced_multiframe": "1.2.840.10008.5.1.4.1.1.4.1"}[kind]
-  uid = generate_uid()
-  ds = dicom_write.new_dataset(sop_class, uid)
+  instance_uid = uid("instance")
+  ds = dicom_write.new_dataset(sop_class, instance_uid)
   ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
   ds.Modality = {"structured_report": "SR", "presentation_state": "PR"}.get(kind, "MR")
   if kind == "structured_report":
@@ -168,7 +172,7 @@ def write_other_file(path, kind: str, study_uid: str, series_uid: str | None = N
     ds.PixelData = np.full((frames, 6, 6), 1000, "<u2").tobytes()
   path.parent.mkdir(parents=True, exist_ok=True)
   ds.save_as(path, enforce_file_format=True)
-  return uid
+  return instance_uid
 
 
 def make_jpeg_ls(path) -> None:
