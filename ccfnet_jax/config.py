@@ -17,6 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import tfds_spine
 from flax import nnx
 from ml_collections import config_dict
 
@@ -53,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.phantom_seed = 0
   config.num_folds = 4
   config.fold = "0"  # 'K', 'all', a comma list 'K,L', or 'none' (train on every study, hold none out)
+  config.train_fraction = 1.0  # < 1: a nested, label-stratified subset of each fold's training studies
   config.image_size = 512
   config.num_data_threads = 2  # Grain reader threads per process
   config.num_data_workers = 0  # Grain worker processes (0: read in the training process)
@@ -193,10 +195,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Runs before any data set is opened, so a typo costs seconds, not a data-set build.
   """
-  from ccfnet_jax.data import sources  # pylint: disable=g-import-not-at-top
-
-  if config.dataset not in sources.DATASETS:
-    raise _fail("dataset", config.dataset, f"expected one of {sources.DATASETS}")
+  if config.dataset not in tfds_spine.DATASETS:
+    raise _fail("dataset", config.dataset, f"expected one of {tfds_spine.DATASETS}")
   if config.dataset == "tianchi":
     if not config.manual_dir:
       raise _fail("manual_dir", config.manual_dir, "the tianchi dataset needs the folder holding "
@@ -208,6 +208,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.num_folds != 4:
     raise _fail("num_folds", config.num_folds, "the lumbar_spine data set is built with 4 folds")
   parse_folds(config.fold, config.num_folds)
+  fraction = config.get("train_fraction", 1.0)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+    raise _fail("train_fraction", fraction, "must be in (0, 1]")
 
   model = config.model
   if model.name not in models.MODELS:

@@ -61,16 +61,22 @@ REFERENCE_POS_WEIGHT: tuple[float, float] = (
 """(vertebra, disc) pos_weight of the reference: 0.23463427, 0.90498486."""
 
 
-def pos_weight_from_labels(disease: np.ndarray) -> tuple[float, float]:
-  """(vertebra, disc) pos_weight from a training fold's binary labels `disease [N, 11]` (1, 0, -1 unknown: skipped)."""
+def label_counts(disease: np.ndarray) -> dict[str, tuple[int, int]]:
+  """{'vertebra': (n_neg, n_pos), 'disc': (n_neg, n_pos)} of binary labels `disease [N, 11]` (-1 unknown: skipped)."""
   disease = np.asarray(disease)
   if disease.ndim != 2 or disease.shape[1] != objects.NUM_OBJECTS:
     raise ValueError(f"disease must be [N, {objects.NUM_OBJECTS}], got shape {disease.shape}")
-  weights = []
-  for indices in (objects.VERTEBRA_INDICES, objects.DISC_INDICES):
-    group = disease[:, list(indices)]
-    weights.append(class_balanced_pos_weight(int(np.sum(group == 0)), int(np.sum(group > 0))))
-  return weights[0], weights[1]
+  counts = {}
+  for group, indices in (("vertebra", objects.VERTEBRA_INDICES), ("disc", objects.DISC_INDICES)):
+    labels = disease[:, list(indices)]
+    counts[group] = (int(np.sum(labels == 0)), int(np.sum(labels > 0)))
+  return counts
+
+
+def pos_weight_from_labels(disease: np.ndarray) -> tuple[float, float]:
+  """(vertebra, disc) pos_weight from a training fold's binary labels `disease [N, 11]` (1, 0, -1 unknown: skipped)."""
+  counts = label_counts(disease)
+  return class_balanced_pos_weight(*counts["vertebra"]), class_balanced_pos_weight(*counts["disc"])
 
 
 def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float = 1.0) -> jnp.ndarray:

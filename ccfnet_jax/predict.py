@@ -17,6 +17,7 @@ import jax
 from absl import flags
 
 from ccfnet_jax import cli, config, rundir
+from ccfnet_jax.data import layout
 from ccfnet_jax.inference import predictor, studies
 
 FLAGS = flags.FLAGS
@@ -36,7 +37,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  folders = studies.find_study_folders(FLAGS.studies)
+  folders = layout.study_folders(FLAGS.studies)
   if not folders:
     raise cli.UserError(f"--studies={FLAGS.studies}: no study folder (and no .dcm file) in it")
   rundir.check_writable(FLAGS.output)

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 from pydicom.uid import generate_uid
 
-from ccfnet_jax.data import dicom_write
+from ccfnet_jax.data import dicom, dicom_write, layout
 
 SLICE_GAP_MM = 4.4
 
@@ -33,10 +33,17 @@ class WrittenStudy:
 def write_study(folder: pathlib.Path, *, n_slices: int = 3, hw: tuple[int, int] = (12, 16),
                 spacing_mm: tuple[float, float] = (0.7, 0.9), monochrome1: bool = False, seed: int = 0,
                 t2_description: str = "T2_TSE_SAG", decoys: bool = True, study_uid: str | None = None) -> WrittenStudy:
-  """Writes one study; T2 slice i (x-descending order) has distinct random pixels in 100..3000."""
+  """Writes one study; T2 slice i (x-descending order) has distinct random pixels in 100..3000.
+
+  Every UID derives from (seed, the folder's parent and own name), so the same call writes the same bytes.
+  """
   rng = np.random.default_rng(seed)
-  study_uid = study_uid or generate_uid()
-  series_uid = generate_uid()
+
+  def uid(*parts: object) -> str:
+    return generate_uid(entropy_srcs=[str(seed), folder.parent.name, folder.name, *map(str, parts)])
+
+  study_uid = study_uid or uid("study")
+  series_uid = uid("series")
   slices = [rng.integers(100, 3000, size=hw).astype(np.uint16) for _ in range(n_slices)]
   n_decoy = 5 if decoys else 0
   numbers = rng.permutation(n_slices + n_decoy)  # file names say nothing about series or order
@@ -44,7 +51,7 @@ def write_study(folder: pathlib.Path, *, n_slices: int = 3, hw: tuple[int, int] 
   positions = dicom_write.sagittal_positions(n_slices, spacing_mm=SLICE_GAP_MM)
   # Write in reverse x order with InstanceNumbers that run against x, so neither can stand in for the x sort.
   order = list(range(n_slices))[::-1]
-  uids = [generate_uid() for _ in range(n_slices)]
+  uids = [uid("instance", i) for i in range(n_slices)]
   dicom_write.write_series([files[i] for i in order], [slices[i] for i in order], study_uid=study_uid,
                            series_uid=series_uid, instance_uids=[uids[i] for i in order], description=t2_description,
                            positions=[positions[i] for i in order], pixel_spacing_mm=spacing_mm,
@@ -53,11 +60,11 @@ def write_study(folder: pathlib.Path, *, n_slices: int = 3, hw: tuple[int, int] 
   if decoys:
     t1 = [folder / f"image{numbers[n_slices + i]}.dcm" for i in range(2)]
     dicom_write.write_series(t1, [np.full(hw, 3500 + i, np.uint16) for i in range(2)], study_uid=study_uid,
-                             series_uid=generate_uid(), description="T1_TSE_SAG",
+                             series_uid=uid("t1"), description="T1_TSE_SAG",
                              positions=dicom_write.sagittal_positions(2), pixel_spacing_mm=(1.5, 1.5))
     axial = [folder / f"image{numbers[n_slices + 2 + i]}.dcm" for i in range(3)]
     dicom_write.write_series(axial, [np.full((8, 8), 3900, np.uint16)] * 3, study_uid=study_uid,
-                             series_uid=generate_uid(), description="T2_TSE_TRA",
+                             series_uid=uid("axial"), description="T2_TSE_TRA",
                              orientation=dicom_write.AXIAL_ORIENTATION,
                              positions=[(0.0, 0.0, 4.0 * i) for i in range(3)], pixel_spacing_mm=(1.5, 1.5))
     decoy_files = t1 + axial
@@ -92,3 +99,9 @@ def entry(study_uid: str, series_uid: str, instance_uid: str, points: list[dict]
 def write_json(path: pathlib.Path, entries: list[dict]) -> pathlib.Path:
   path.write_text(json.dumps(entries), encoding="utf-8")
   return path
+
+
+def read_folder(folder, **kwargs) -> dicom.StudyImage:
+  """`dicom.read_study` of one folder after its header scan, as the dataset builder and predict do."""
+  headers, problems = layout.scan_headers(folder, kwargs.get("study"))
+  return dicom.read_study(folder, headers=headers, problems=problems, **kwargs)

@@ -1,4 +1,4 @@
-"""Annotation parsing: every label quirk of SPEC §6 on small hand-made JSONs, and the reported problems."""
+"""Annotation parsing: every label quirk (docs/method.md#labels) on small hand-made JSONs, and the reported problems."""
 
 import numpy as np
 import pytest
@@ -109,6 +109,28 @@ def test_malformed_study_entry_is_reported():
 
 def test_points_disagreeing_on_z_index():
   parse_bad([point("L1", 1, 1, "v1", 3), point("L2", 1, 1, "v1", 4)], errors.BAD_ANNOTATION)
+
+
+@pytest.mark.parametrize("z_index", [[1], {"z": 1}, None, 1.5, "1", True, 10**400])
+def test_z_index_of_another_type_is_reported(z_index):
+  e = parse_bad([point("L1", 1, 1, "v1", z_index), point("L2", 1, 1, "v1", 1)], errors.BAD_ANNOTATION)
+  assert "zIndex" in e.reason
+
+
+@pytest.mark.parametrize("coord", [[10**400, 1], [1, -(10**400)]])
+def test_coordinates_too_large_for_a_float_are_reported(coord):
+  e = parse_bad([{"coord": coord, "tag": {"identification": "L1", "vertebra": "v1"}, "zIndex": 0}],
+                errors.BAD_ANNOTATION)
+  assert "coord" in e.reason
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, "\x00\xff garbage", "", '{"a": 1}', "null"])
+def test_unusable_json_files_raise_only_a_study_error(tmp_path, text):
+  path = tmp_path / "x_annotation.json"
+  path.write_bytes(text.encode("latin-1"))
+  with pytest.raises(StudyError) as info:
+    annotations.load_annotations(path)
+  assert info.value.file == str(path) and info.value.kind == errors.BAD_ANNOTATION
 
 
 def test_duplicated_study_uid_across_files_drops_every_copy(tmp_path):

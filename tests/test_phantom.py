@@ -1,13 +1,17 @@
 """Tests of the synthetic lumbar-spine phantom (ccfnet_jax.data.phantom)."""
 
+import hashlib
 import json
+import pathlib
 import re
 
 import numpy as np
+import pydicom
 import pytest
 
 from ccfnet_jax import objects
-from ccfnet_jax.data import annotations, dicom, phantom, records
+from ccfnet_jax.data import annotations, dicom, layout, phantom, records
+from synthetic_studies import read_folder
 
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TOP_DISC = objects.INDEX["T12-L1"]
@@ -144,11 +148,11 @@ def test_degenerated_discs_are_darker_on_average():
 def test_vertebral_degeneration_changes_the_body_only():
   study = phantom.phantom_study(2, seed=0)
   vertebra = objects.INDEX["L3"]
-  study._p["strength"][vertebra] = 1.0
-  study._p["looks_diseased"][vertebra] = False
-  healthy = study.render_slice(study.z_index).astype(np.float64)
-  study._p["looks_diseased"][vertebra] = True
-  degenerated = study.render_slice(study.z_index).astype(np.float64)
+  study.looks.strength[vertebra] = 1.0
+  study.looks.looks_diseased[vertebra] = False
+  healthy = phantom.render_slice(study, study.z_index).astype(np.float64)
+  study.looks.looks_diseased[vertebra] = True
+  degenerated = phantom.render_slice(study, study.z_index).astype(np.float64)
   change = np.abs(degenerated - healthy)
   assert change.max() > 0.1 * 65535
   # Everything that changed lies within ~25 mm of the body centre.
@@ -185,7 +189,8 @@ def test_official_layout_reads_back_as_the_records(tmp_path):
     folder = tmp_path / name / f"study{index}"
     files = sorted(p.name for p in folder.iterdir())
     assert files == sorted(f"image{k}.dcm" for k in range(len(files)))
-    headers = dicom.scan_folder(folder)
+    headers, problems = layout.scan_headers(folder)
+    assert not problems
     series = dicom.group_series(headers)
     assert sorted(s.description for s in series.values()) == ["T1_TSE_SAG", "T2_TSE_SAG", "T2_TSE_TRA"]
     t2 = series[expected["series_uid"]]
@@ -202,7 +207,7 @@ def test_official_layout_reads_back_as_the_records(tmp_path):
       else:
         assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
     # Without the annotation, the reader's T2-sagittal rule picks the same series.
-    assert dicom.read_study(folder).series_uid == expected["series_uid"]
+    assert read_folder(folder).series_uid == expected["series_uid"]
 
 
 def test_official_layout_is_byte_identical_across_writes(tmp_path):
@@ -213,3 +218,55 @@ def test_official_layout_is_byte_identical_across_writes(tmp_path):
   assert len(files) > 5
   for f in files:
     assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+# ------------------------------------------------------------------------------------------------ pinned values
+# These values were computed once with the phantom generator as it stood before it was split into the package
+# `ccfnet_jax.data.phantom` (anatomy / raster / official_layout), by running the old single-module code; they pin
+# that the split, and any later refactoring, changes no byte of any phantom. A deliberate change of the phantoms
+# must update them (and every data set built from phantoms changes with it).
+PINNED_IMAGE_SHA256 = "3f63d4334c798878f82e247df9c031a010363df961d0c77998df16ca7a42314d"
+PINNED_T1_SHA256 = "7e0dbcdeed6d4db8b2b12b254b3053eb07c5b3800fd673ff9592c84b695195f0"
+PINNED_LAYOUT_SHA256 = "5335afefe1f75f5afe78c5828c88537dc3d666efaa4da41a90e2457d6db85e52"
+PINNED_PIXELS = {(0, 0): [928, 3086, 1501], (100, 120): [8418, 7713, 7709], (160, 216): [1316, 2652, 2333],
+                 (319, 431): [1689, 897, 862], (200, 50): [1929, 1890, 1393]}
+PINNED_POINTS = [[261, 93], [250, 136], [245, 179], [246, 226], [252, 267], [268, 74], [255, 114], [247, 158],
+                 [245, 202], [248, 246], [260, 290]]
+
+
+def test_phantom_pixels_points_and_labels_are_pinned():
+  record = phantom.generate_study(3, seed=1)
+  image = record["image"]
+  assert image.shape == (320, 432, 3)
+  for (y, x), value in PINNED_PIXELS.items():
+    assert image[y, x].tolist() == value, (y, x)
+  assert hashlib.sha256(image.tobytes()).hexdigest() == PINNED_IMAGE_SHA256
+  assert record["points_xy"].tolist() == PINNED_POINTS
+  assert record["disease"].tolist() == [0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0]
+  assert list(record["tags"]) == ["v1", "v2", "v2", "v2", "v2", "v1", "v1", "v2", "v2", "v3", "v1"]
+  assert record["pixel_spacing_mm"].tolist() == [0.7432000041007996] * 2  # float32(0.7432)
+  assert record["study_uid"] == "1.2.826.0.1.3680043.8.498.10150576865513545014778031813020283832"
+  study = phantom.phantom_study(3, seed=1)
+  assert (study.num_slices, study.z_index) == (7, 3)
+  t1 = phantom.render_slice(study, study.z_index, "t1", shape=(study.height // 2, study.width // 2))
+  assert hashlib.sha256(t1.tobytes()).hexdigest() == PINNED_T1_SHA256
+
+
+def _layout_digest(root: pathlib.Path) -> str:
+  """SHA-256 over every written file: the JSON's bytes, and each DICOM data set's elements (tag, VR, value), so the
+  pin does not depend on the pydicom version named in the file meta."""
+  digest = hashlib.sha256()
+  for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    digest.update(str(f.relative_to(root)).encode())
+    if f.suffix == ".dcm":
+      for elem in pydicom.dcmread(f):
+        digest.update(f"{elem.tag}{elem.VR}".encode())
+        digest.update(elem.value if isinstance(elem.value, bytes) else repr(elem.value).encode())
+    else:
+      digest.update(f.read_bytes())
+  return digest.hexdigest()
+
+
+def test_official_layout_files_are_pinned(tmp_path):
+  phantom.write_official_layout(tmp_path, 2, seed=3)
+  assert _layout_digest(tmp_path) == PINNED_LAYOUT_SHA256

@@ -1,4 +1,5 @@
-"""Tests of the host input pipeline (ccfnet_jax.data.pipeline) and of label counting (ccfnet_jax.data.sources)."""
+"""Tests of the host input pipeline (ccfnet_jax.data.pipeline), of reading a source's labels (records.disease_labels)
+and of the sources of one fold (tfds_spine.open_fold)."""
 
 import itertools
 
@@ -6,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from ccfnet_jax import objects
-from ccfnet_jax.data import errors, pipeline, sources
+import tfds_spine
+from ccfnet_jax import losses, objects, parallel
+from ccfnet_jax.data import errors, pipeline
+from ccfnet_jax.data import records as records_lib
 
 S = 64
 N_OBJ = objects.NUM_OBJECTS
@@ -141,11 +144,11 @@ def test_bad_records_are_named(records):
     pipeline.eval_dataset([], batch_size=1, image_size=S)
 
 
-def test_to_global_shards_on_eight_devices(records):
+def test_host_batches_shard_on_eight_devices(records):
   assert jax.device_count() == 8
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
   batch = next(iter(pipeline.train_dataset(records, batch_size=8, image_size=S, seed=0)))
-  placed = pipeline.to_global(batch, mesh)
+  placed = parallel.host_to_global(batch, mesh)
   for key, value in batch.items():
     assert placed[key].shape == value.shape and placed[key].dtype == value.dtype, key
     assert placed[key].sharding.spec == jax.sharding.PartitionSpec("data")
@@ -153,11 +156,11 @@ def test_to_global_shards_on_eight_devices(records):
     np.testing.assert_array_equal(np.asarray(placed[key]), value, err_msg=key)
   assert placed["image"].addressable_shards[0].data.shape == (1, S, S, 3)
   with pytest.raises(ValueError, match="image"):
-    pipeline.to_global({"image": batch["image"][:6]}, mesh)
+    parallel.host_to_global({"image": batch["image"][:6]}, mesh)
 
 
 def test_label_counts(records):
-  counts = sources.label_counts(records)
+  counts = losses.label_counts(records_lib.disease_labels(records))
   disease = np.stack([r["disease"] for r in records])
   vertebra, disc = disease[:, list(objects.VERTEBRA_INDICES)], disease[:, list(objects.DISC_INDICES)]
   assert counts == {"vertebra": (int((vertebra == 0).sum()), int((vertebra == 1).sum())),
@@ -184,7 +187,7 @@ def test_worker_processes_give_the_same_batches_and_resume(records):
 
 def test_open_fold_on_phantoms_feeds_the_pipeline(tmp_path):
   pytest.importorskip("ccfnet_jax.data.phantom")
-  train, val = sources.open_fold("phantom", tmp_path, fold=1, num_studies=8)
+  train, val = tfds_spine.open_fold("phantom", tmp_path, fold=1, num_studies=8)
   assert len(train) + len(val) == 8 and len(val) >= 1
   train_uids = {train[i]["study_uid"] for i in range(len(train))}
   val_uids = {val[i]["study_uid"] for i in range(len(val))}
@@ -193,13 +196,13 @@ def test_open_fold_on_phantoms_feeds_the_pipeline(tmp_path):
   assert 1 not in {int(train[i]["fold"]) for i in range(len(train))}
   (batch, *_) = list(pipeline.eval_dataset(val, batch_size=2, image_size=S))
   assert batch["image"].shape == (2, S, S, 3) and batch["example_valid"][0]
-  counts = sources.label_counts(train)
+  counts = losses.label_counts(records_lib.disease_labels(train))
   assert sum(counts["vertebra"]) + sum(counts["disc"]) == sum(int((train[i]["disease"] >= 0).sum())
                                                                for i in range(len(train)))
   with pytest.raises(ValueError, match="fold"):
-    sources.open_fold("phantom", tmp_path, fold=4)
+    tfds_spine.open_fold("phantom", tmp_path, fold=4)
   with pytest.raises(ValueError, match="manual_dir"):
-    sources.open_fold("tianchi", tmp_path)
+    tfds_spine.open_fold("tianchi", tmp_path)
 
 
 def test_augment_on_a_sharded_batch_equals_unsharded(records):
@@ -209,7 +212,7 @@ def test_augment_on_a_sharded_batch_equals_unsharded(records):
   batch = next(iter(pipeline.train_dataset(records, batch_size=8, image_size=S, seed=0)))
   fn = jax.jit(augment.augment_batch, static_argnames="cfg")
   cfg = augment.AugmentConfig.reference()
-  sharded = fn(jax.random.key(0), pipeline.to_global(batch, mesh), cfg=cfg)
+  sharded = fn(jax.random.key(0), parallel.host_to_global(batch, mesh), cfg=cfg)
   local = fn(jax.random.key(0), jax.device_put(batch, jax.devices()[0]), cfg=cfg)
   assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   for key in ("image", "points_xy", "point_valid", "disease"):

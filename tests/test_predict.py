@@ -21,7 +21,7 @@ from ccfnet_jax import metrics, objects, rundir, train
 from ccfnet_jax.inference import loading, predictions, predictor as predictor_lib, scoring, studies
 from ccfnet_jax.train import setup
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, folds, phantom, pipeline
+from ccfnet_jax.data import folds, layout, phantom, pipeline
 
 NUM_STUDIES = 16
 TRAIN_STEPS = 40
@@ -120,7 +120,7 @@ def test_output_schema(run):
   assert isinstance(entries, list) and len(entries) == NUM_STUDIES
   assert {e["studyUid"] for e in entries} == set(truth)
   sizes = {h.instance_uid: (h.rows, h.columns) for i in range(NUM_STUDIES)
-           for h in dicom.scan_folder(run["studies_dir"] / f"study{i}")}
+           for h in layout.scan_headers(run["studies_dir"] / f"study{i}")[0]}
   for entry in entries:
     gt = truth[entry["studyUid"]]
     assert set(entry) == {"studyUid", "version", "data"}
@@ -172,7 +172,7 @@ def test_unannotated_prediction_uses_the_t2_middle_slice(run, tmp_path):
   (pred,) = result.predictions
   gt = truth[pred.study_uid]
   assert pred.series_uid == gt.series_uid
-  num_t2 = sum(h.series_uid == gt.series_uid for h in dicom.scan_folder(one / "study3"))
+  num_t2 = sum(h.series_uid == gt.series_uid for h in layout.scan_headers(one / "study3")[0])
   assert num_t2 >= 3 and pred.z_index == num_t2 // 2
   assert not result.warnings and not result.failed.errors
 

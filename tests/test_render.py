@@ -1,4 +1,4 @@
-"""Tests of the study pictures (ccfnet_jax.data.render)."""
+"""Tests of the study pictures (ccfnet_jax.data.draw) and of the command that draws a grid (ccfnet_jax.render)."""
 
 import pathlib
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ccfnet_jax.data import render
+from ccfnet_jax.data import draw
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def _rgb(picture: Image.Image, x: float, y: float) -> np.ndarray:
 
 def test_draw_study_keeps_the_native_size_and_shows_the_middle_slice():
   image, points = _flat_study()
-  picture = render.draw_study(image, points, valid=np.zeros(11, bool))
+  picture = draw.draw_study(image, points, valid=np.zeros(11, bool))
   assert picture.size == (100, 120) and picture.mode == "RGB"
   pixels = np.asarray(picture)
   assert np.all(pixels[60, 80] == 255)  # the middle slice's uniform value is its maximum
@@ -39,8 +39,8 @@ def test_drawn_points_change_pixels_at_their_location_in_their_label_colour():
   labels = np.array([1, 0, -1] + [0] * 8)
   valid = np.ones(11, bool)
   valid[3] = False
-  blank = render.draw_study(image, points, valid=np.zeros(11, bool))
-  picture = render.draw_study(image, points, valid=valid, labels=labels)
+  blank = draw.draw_study(image, points, valid=np.zeros(11, bool))
+  picture = draw.draw_study(image, points, valid=valid, labels=labels)
   red, green, grey = (_rgb(picture, *points[i]) for i in range(3))
   assert red[0] > red[1] + 100 and red[0] > red[2] + 100
   assert green[1] > green[0] + 100 and green[1] > green[2] + 100
@@ -52,7 +52,7 @@ def test_probabilities_colour_from_green_to_red_with_a_label_ring():
   image, points = _flat_study()
   probs = np.linspace(0.0, 1.0, 11)
   labels = np.ones(11, int)
-  picture = render.draw_study(image, points, probs=probs, labels=labels)
+  picture = draw.draw_study(image, points, probs=probs, labels=labels)
   low, high = _rgb(picture, *points[0]), _rgb(picture, *points[10])
   assert low[1] > low[0] + 100 and high[0] > high[1] + 100
   # The ring in the label colour (red) lies just outside the green filled point.
@@ -63,7 +63,7 @@ def test_probabilities_colour_from_green_to_red_with_a_label_ring():
 
 def test_draw_study_resizes_points_with_the_image():
   image, points = _flat_study(height=200, width=100)
-  picture = render.draw_study(image, points, labels=np.ones(11, int), size=100)
+  picture = draw.draw_study(image, points, labels=np.ones(11, int), size=100)
   assert picture.size == (50, 100)
   assert _rgb(picture, *(points[5] / 2))[0] > 180
 
@@ -71,38 +71,51 @@ def test_draw_study_resizes_points_with_the_image():
 def test_draw_study_rejects_bad_input():
   image, points = _flat_study()
   with pytest.raises(ValueError, match="image"):
-    render.draw_study(image[None], points)
+    draw.draw_study(image[None], points)
   with pytest.raises(ValueError, match="labels"):
-    render.draw_study(image, points, labels=np.ones(10, int))
+    draw.draw_study(image, points, labels=np.ones(10, int))
   with pytest.raises(ValueError, match="points_xy"):
-    render.draw_study(image, points[:, :1])
+    draw.draw_study(image, points[:, :1])
 
 
 def test_grid_size():
   tiles = [Image.new("RGB", (50, 40), (k * 40, 0, 0)) for k in range(5)]
-  sheet = render.grid(tiles, cols=2, pad=3)
+  sheet = draw.grid(tiles, cols=2, pad=3)
   assert sheet.size == (2 * 50 + 3 * 3, 3 * 40 + 4 * 3)
   assert tuple(np.asarray(sheet)[3 + 40 + 3 + 20, 3 + 50 + 3 + 25]) == (120, 0, 0)  # tile 3: row 1, col 1
   with pytest.raises(ValueError):
-    render.grid([], cols=2)
+    draw.grid([], cols=2)
+
+
+def _run(tmp_path, *args):
+  out = tmp_path / "grid.png"
+  result = subprocess.run([sys.executable, "-m", "ccfnet_jax.render", *args, "--cols=2", "--size=96",
+                           f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  return result, out
 
 
 def _run_command(tmp_path, *args):
-  out = tmp_path / "grid.png"
-  result = subprocess.run([sys.executable, "-m", "ccfnet_jax.data.render", *args, "--cols=2", "--size=96",
-                           f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  result, out = _run(tmp_path, *args)
   assert result.returncode == 0, result.stderr[-2000:]
   return Image.open(out)
 
 
 def test_command_draws_phantoms(tmp_path):
-  sheet = _run_command(tmp_path, "--source=phantom", "--n=3")
-  assert sheet.size[0] == 2 * 96 + 3 * 4 and sheet.size[1] <= 2 * 96 + 3 * 4
+  sheet = _run_command(tmp_path, "--dataset=phantom", "--num_pictures=5", "--phantom_studies=3")
+  assert sheet.size[0] == 2 * 96 + 3 * 4 and sheet.size[1] <= 2 * 96 + 3 * 4  # 3 pictures: the set has only 3
   pixels = np.asarray(sheet)
   assert np.any((pixels[..., 0] > 200) & (pixels[..., 1] < 80)) or np.any((pixels[..., 1] > 180) &
                                                                           (pixels[..., 0] < 80))
 
 
+@pytest.mark.parametrize("old, new", [("--out=x.png", "--output"), ("--source=phantom", "--dataset"),
+                                      ("--n=3", "--num_pictures")])
+def test_command_refuses_old_flag_spellings_naming_the_new_one(tmp_path, old, new):
+  result, out = _run(tmp_path, old)
+  assert result.returncode != 0 and not out.exists()
+  assert f"is now {new}" in result.stderr, result.stderr[-2000:]
+
+
 def test_command_draws_real_studies(tmp_path, tianchi_dir):
-  sheet = _run_command(tmp_path, "--source=tianchi", f"--manual_dir={tianchi_dir}", "--n=2")
+  sheet = _run_command(tmp_path, "--dataset=tianchi", f"--manual_dir={tianchi_dir}", "--num_pictures=2")
   assert sheet.size[0] == 2 * 96 + 3 * 4

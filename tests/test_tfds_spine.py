@@ -3,11 +3,15 @@ folds reproducible and balanced."""
 
 import collections
 import hashlib
+import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from pydicom.uid import generate_uid
 
 import tfds_spine
@@ -41,6 +45,14 @@ def test_folds_reject_repeated_uids():
     folds.assign_folds(["a", "b", "a"])
 
 
+def test_fold_splits_name_the_other_folds_for_training():
+  assert tfds_spine.fold_splits(1, 4) == ("fold0+fold2+fold3", "fold1")
+  assert tfds_spine.fold_splits(0, 2) == ("fold1", "fold0")
+  for bad in ((4, 4), (-1, 4), (0, 1)):
+    with pytest.raises(ValueError, match="fold"):
+      tfds_spine.fold_splits(*bad)
+
+
 # ------------------------------------------------------------------------------------------------ tianchi
 def points_for(z_index: int) -> list[dict]:
   return default_points(z_index, HW)
@@ -48,11 +60,12 @@ def points_for(z_index: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
-  """A tiny release: 2 annotation files, 6 good studies and one of each kind of bad input.
+  """A tiny release in a folder whose name holds glob characters: 3 annotation files (one not JSON), 6 good studies
+  and one of each kind of bad input.
 
   Returns (manual_dir, expected good entries by studyUid, expected skip counts by kind).
   """
-  root = tmp_path_factory.mktemp("manual")
+  root = tmp_path_factory.mktemp("manual") / "release[v1]*"
   entries, good = [], {}
   for i in range(5):
     s = write_study(root / "lumbar_t" / f"study{i}", n_slices=3, hw=HW, spacing_mm=(0.5 + 0.1 * i, 0.6), seed=i)
@@ -88,15 +101,22 @@ def manual_dir(tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
   # An empty folder, and an annotated study with no folder at all.
   (root / "lumbar_t" / "study_empty").mkdir()
   entries.append(entry(generate_uid(), generate_uid(), generate_uid(), points_for(1)))
-  write_json(root / "lumbar_t_annotation.json", entries)
   # A second pair; its one study has 10 points (no T12-L1) and a T11-T12 alias would be absent too.
   s = write_study(root / "lumbar_u" / "study0", n_slices=1, hw=HW, spacing_mm=(0.8, 0.8), seed=20)
   pts = [p for p in points_for(0) if p["tag"]["identification"] != "T12-L1"]
   e = entry(s.study_uid, s.series_uid, s.instance_uids[0], pts)
   write_json(root / "lumbar_u_annotation.json", [e])
   good[s.study_uid] = (e, s)
-  expected_skips = {errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1, errors.MISSING_INSTANCE: 1,
-                    errors.POINTS_OUTSIDE: 1, errors.UNKNOWN_IDENTIFICATION: 1, errors.DUPLICATE_STUDY: 2,
+  # A third pair whose annotation file is no JSON: reported, the other pairs still build.
+  write_study(root / "lumbar_w" / "study0", hw=HW, seed=30)
+  (root / "lumbar_w_annotation.json").write_text("[{not json")
+  # A study whose zIndex is a list, among good ones.
+  s = write_study(root / "lumbar_t" / "study_zlist", hw=HW, seed=16)
+  bad_z = [dict(p, zIndex=[1]) for p in points_for(1)]
+  entries.append(entry(s.study_uid, s.series_uid, s.instance_uids[1], bad_z))
+  write_json(root / "lumbar_t_annotation.json", entries)
+  expected_skips = {errors.BAD_ANNOTATION: 2, errors.CORRUPT_DICOM: 2, errors.NO_SAGITTAL: 1,
+                    errors.MISSING_INSTANCE: 1, errors.POINTS_OUTSIDE: 1, errors.UNKNOWN_IDENTIFICATION: 1, errors.DUPLICATE_STUDY: 2,
                     errors.EMPTY_FOLDER: 1, errors.MISSING_FOLDER: 1}
   return root, good, expected_skips
 
@@ -223,11 +243,17 @@ def test_phantom_config_builds_and_reads(tmp_path):
   assert tfds_spine.build_summary(builder)["num_examples"] == n
 
 
-def test_tianchi_config_on_phantoms_in_the_official_layout(tmp_path):
+def test_standard_tfds_calls_build_and_read_without_tensorflow(tmp_path):
+  """tfds.builder / download_and_prepare / tfds.data_source, exactly as TFDS documents them, on phantom studies
+  written in the official layout; array_record is the builder's own default, so no TensorFlow is needed."""
   phantom = pytest.importorskip("ccfnet_jax.data.phantom")
+  assert importlib.util.find_spec("tensorflow") is None  # the point of the test: no TensorFlow installed
   phantom.write_official_layout(tmp_path / "manual", 4, seed=5)
-  source = tfds_spine.load_source("tianchi", "fold0+fold1+fold2+fold3", tmp_path / "data",
-                                  manual_dir=tmp_path / "manual")
+  data_dir = tmp_path / "data"
+  builder = tfds.builder("lumbar_spine/tianchi", data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "manual"))
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  source = tfds.data_source("lumbar_spine/tianchi", data_dir=data_dir, split="fold0+fold1+fold2+fold3")
   assert len(source) == 4
   by_uid = {source[i]["study_uid"].decode(): source[i] for i in range(4)}
   for index in range(4):
@@ -237,3 +263,20 @@ def test_tianchi_config_on_phantoms_in_the_official_layout(tmp_path):
       np.testing.assert_array_equal(ex[name], np.asarray(record[name]), err_msg=name)
     assert [t.decode() for t in ex["tags"]] == list(record["tags"])
     assert (ex["series_uid"].decode(), ex["instance_uid"].decode()) == (record["series_uid"], record["instance_uid"])
+
+
+# ------------------------------------------------------------------------------------------------ command
+def _build_command(*args):
+  return subprocess.run([sys.executable, "-m", "tfds_spine.build", *args], cwd=pathlib.Path(__file__).parents[1],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_build_command_builds_phantoms_and_refuses_old_flags(tmp_path):
+  result = _build_command("--dataset=phantom", "--phantom_studies=4", f"--data_dir={tmp_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '"num_examples": 4' in result.stdout
+  assert len(tfds_spine.load_source("phantom", "fold0+fold1+fold2+fold3", tmp_path, num_studies=4)) == 4
+  for old, new in (("--config=phantom", "--dataset"), ("--num_studies=4", "--phantom_studies")):
+    result = _build_command(old, f"--data_dir={tmp_path / 'other'}")
+    assert result.returncode != 0 and f"is now {new}" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "other").exists()

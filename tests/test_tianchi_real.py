@@ -1,7 +1,7 @@
-"""The 150 real Tianchi studies (read in place from ../shared/data/tianchi; skipped when absent).
+"""The 150 real Tianchi studies (read in place, never copied; skipped when absent).
 
 Expected values are derived from the annotation JSON and the DICOM headers with simple code here, and from the
-figures the data's README states; never from the code under test.
+counts published with the release; never from the code under test.
 """
 
 import collections
@@ -14,7 +14,8 @@ import pytest
 
 import tfds_spine
 from ccfnet_jax import objects
-from ccfnet_jax.data import annotations, dicom, records
+from ccfnet_jax.data import annotations, records
+from synthetic_studies import read_folder
 
 NAME = "lumbar_train150"
 
@@ -71,7 +72,7 @@ def test_points_inside_images_and_spacing_in_range(read_records):
 
 
 def test_image_is_the_labelled_frame(read_records, raw_entries, folder_of):
-  # Only the labelled slice exists, so all three channels are it; README: stored value = uint8 x 16.
+  # Only the labelled slice exists, so all three channels are it; the release stores uint8 x 16.
   for entry in raw_entries[:10]:
     record = read_records[entry["studyUid"]]
     path = next(p for p in folder_of[entry["studyUid"]].glob("*.dcm")
@@ -90,7 +91,7 @@ def test_disease_counts_per_class_match_the_annotation(read_records, raw_entries
       kind = "vertebra" if i in objects.VERTEBRA_INDICES else "disc"
       ours[(kind, str(record["tags"][i]))] += 1
   assert ours == raw
-  # The README's figures (single labels).
+  # The counts published with the release (single labels).
   readme = {("vertebra", "v2"): 585, ("vertebra", "v1"): 165, ("disc", "v1"): 417, ("disc", "v2"): 221,
             ("disc", "v3"): 217, ("disc", "v4"): 28, ("disc", ""): 2, ("disc", "v5"): 2}
   assert {k: ours[k] for k in readme} == readme
@@ -105,13 +106,13 @@ def test_disease_counts_per_class_match_the_annotation(read_records, raw_entries
     for i in np.flatnonzero(record["point_valid"]):
       got[("vertebra" if i in objects.VERTEBRA_INDICES else "disc", int(record["disease"][i]))] += 1
   assert got == binary
-  assert sum(int((r["disease"] == -1).sum()) for r in read_records.values()) == 1  # study88 lacks T12-L1
+  assert sum(int((r["disease"] == -1).sum()) for r in read_records.values()) == 1  # one study lacks T12-L1
 
 
 def test_unannotated_rule_picks_the_labelled_series(read_records, folder_of):
-  # README: the T2-sagittal + brightest rule picks the labelled series in all 150 studies.
+  # As published: the T2-sagittal + brightest rule picks the labelled series in all 150 studies.
   for uid, folder in list(folder_of.items()):
-    assert dicom.read_study(folder).series_uid == read_records[uid]["series_uid"], folder
+    assert read_folder(folder).series_uid == read_records[uid]["series_uid"], folder
 
 
 # ----------------------------------------------------------------------------------------- the TFDS build

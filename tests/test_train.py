@@ -22,7 +22,7 @@ from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import maps as maps_lib
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import logging_utils, losses, metrics, objects, parallel, rundir, schedules, targets, train
-from ccfnet_jax.train import loop, results as results_lib, setup, steps
+from ccfnet_jax.train import loop, results as results_lib, setup
 
 REPO = pathlib.Path(tiny_training.REPO)
 

@@ -7,13 +7,12 @@ Configs:
 
 Bad studies are logged (study, file, reason), skipped, and tallied; the tally is stored in the dataset's
 metadata (`builder.info.metadata["build_summary"]`, i.e. `metadata.json` beside the array_record files).
-Folds follow SPEC §8 (`ccfnet_jax.data.folds`) over the studies that were built, so fold sizes differ by at most one.
+Folds follow `ccfnet_jax.data.folds` (docs/method.md#folds) over the studies built, so fold sizes differ by at most one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -23,14 +22,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, folds, records
+from ccfnet_jax.data import dicom, errors, folds, layout, phantom, records
 from ccfnet_jax.data.errors import SkipReport, StudyError
 
 logger = logging.getLogger(__name__)
 
 NUM_FOLDS = 4
 DEFAULT_PHANTOM_STUDIES = 200
-ANNOTATION_SUFFIX = "_annotation.json"
 
 _DESCRIPTION = """Sagittal lumbar-spine MRI, one example per study: the annotated T2 slice with its two neighbours
 (3 channels, uint16, native size), pixel spacing, the 11 points (L1..L5, T12-L1..L5-S1) and their disease labels."""
@@ -87,13 +85,7 @@ class _TianchiStudy:
   annotation: annotations_lib.StudyAnnotation
   folder: str
   headers: list[dicom.SliceHeader]
-
-
-def find_pairs(manual_dir: str | os.PathLike) -> list[tuple[str, str]]:
-  """(`<name>_annotation.json`, `<name>/`) pairs in `manual_dir`, sorted by name; JSONs without a folder included
-  (their studies are reported missing)."""
-  jsons = sorted(glob.glob(os.path.join(os.fspath(manual_dir), "*" + ANNOTATION_SUFFIX)))
-  return [(j, j[: -len(ANNOTATION_SUFFIX)]) for j in jsons]
+  problems: list[StudyError]
 
 
 def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_TianchiStudy]:
@@ -102,42 +94,37 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
   Returns the studies that read cleanly (their pixels are read again when the examples are written);
   every problem goes into `report`.
   """
-  pairs = find_pairs(manual_dir)
+  pairs = layout.release_pairs(manual_dir)
   if not pairs:
-    raise FileNotFoundError(f"no *{ANNOTATION_SUFFIX} in manual dir {os.fspath(manual_dir)}.\n{_MANUAL}")
-  all_annotations, folders_of = [], {}
+    raise FileNotFoundError(f"no *{layout.ANNOTATION_SUFFIX} in manual dir {os.fspath(manual_dir)}.\n{_MANUAL}")
+  all_annotations, root_of = [], {}
   headers_by_study: dict[str, list[dicom.SliceHeader]] = {}
+  problems_by_study: dict[str, list[StudyError]] = {}
   folder_of_study: dict[str, str] = {}
-  broken_study: dict[str, StudyError] = {}
   for json_path, root in pairs:
-    good, bad = annotations_lib.load_annotations(json_path)
+    try:
+      good, bad = annotations_lib.load_annotations(json_path)
+    except StudyError as e:  # the whole file is unusable: report it, build the other pairs
+      report.add(e, logger)
+      continue
     for e in bad:
       report.add(e, logger)
     all_annotations += good
     for a in good:
-      folders_of[a.study_uid] = root
-    if not os.path.isdir(root):
+      root_of[a.study_uid] = os.fspath(root)
+    if not root.is_dir():
       continue
-    for folder in sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isdir(p)):
-      headers, problem = [], None
-      files = dicom.dicom_files(folder)
-      if not files:
-        report.add(StudyError(folder, folder, "study folder holds no .dcm file", errors.EMPTY_FOLDER), logger)
+    for folder in layout.study_folders(root):
+      try:
+        headers, problems = layout.scan_headers(folder)
+      except StudyError as e:
+        report.add(e, logger)
         continue
-      for f in files:
-        try:
-          headers.append(dicom.read_header(f, folder))
-        except StudyError as e:
-          problem = problem or e
-      uids = {h.study_uid for h in headers}
-      if problem is not None and not uids:
-        report.add(problem, logger)  # no readable file: the folder's study cannot even be named
-        continue
-      for uid in uids:
+      for uid in sorted({h.study_uid for h in headers}):
         headers_by_study.setdefault(uid, []).extend(h for h in headers if h.study_uid == uid)
-        folder_of_study.setdefault(uid, folder)
-        if problem is not None:
-          broken_study.setdefault(uid, problem)
+        # A bad file whose studyUid is unknown may belong to any study of the folder.
+        problems_by_study.setdefault(uid, []).extend(p for p in problems if p.study_uid in ("", uid))
+        folder_of_study.setdefault(uid, os.fspath(folder))
   # The same studyUid in two annotation files is a duplicate too.
   all_annotations, duplicates = annotations_lib.drop_duplicates(all_annotations)
   for e in duplicates:
@@ -146,32 +133,25 @@ def collect_tianchi(manual_dir: str | os.PathLike, report: SkipReport) -> list[_
   kept = []
   for a in all_annotations:
     folder = folder_of_study.get(a.study_uid)
-    name = f"{a.study_uid} ({folder or folders_of[a.study_uid]})"
+    name = f"{a.study_uid} ({folder or root_of[a.study_uid]})"
     try:
-      if a.study_uid in broken_study:
-        e = broken_study[a.study_uid]
-        raise StudyError(name, e.file, e.reason, e.kind)
       if folder is None:
-        raise StudyError(name, folders_of[a.study_uid], "no study folder holds a file of this studyUid",
+        raise StudyError(name, root_of[a.study_uid], "no study folder holds a file of this studyUid",
                          errors.MISSING_FOLDER)
-      records.read_annotated_study(folder, a, headers=headers_by_study[a.study_uid], study=name)
+      study = _TianchiStudy(a, folder, headers_by_study[a.study_uid], problems_by_study[a.study_uid])
+      _read(study, name)
     except StudyError as e:
       report.add(e, logger)
       continue
-    kept.append(_TianchiStudy(a, folder, headers_by_study[a.study_uid]))
+    for e in study.problems:  # the study read, so none of its bad files mattered
+      report.note(e.for_study(name), logger)
+    kept.append(study)
   return kept
 
 
-# --------------------------------------------------------------------------------------------------- phantom
-def _phantom_uid(index: int, seed: int) -> str:
-  """The studyUid of phantom `index` without rendering it (engineer D's `phantom_study` holds only parameters)."""
-  from ccfnet_jax.data import phantom  # imported only when phantoms are built
-  return phantom.phantom_study(index, seed).study_uid
-
-
-def _phantom_record(index: int, seed: int) -> dict[str, Any]:
-  from ccfnet_jax.data import phantom
-  return phantom.generate_study(index, seed=seed)
+def _read(study: _TianchiStudy, name: str | None = None) -> dict[str, Any]:
+  return records.read_annotated_study(study.folder, study.annotation, headers=study.headers,
+                                      problems=study.problems, study=name)
 
 
 # --------------------------------------------------------------------------------------------------- builder
@@ -183,6 +163,12 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [TIANCHI, PHANTOM]
   DEFAULT_CONFIG_NAME = "phantom"
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
+  DEFAULT_FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
+
+  def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs: Any):
+    # TFDS falls back to tfrecord, whose writer needs TensorFlow; array_record (random access, no TensorFlow) is
+    # this data set's format, also under plain `tfds.builder(...)` / `tfds.data_source(...)`.
+    super().__init__(file_format=file_format or self.DEFAULT_FILE_FORMAT, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -200,7 +186,7 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
       # Phantoms are rendered once, when written; a record that breaks the contract is a bug and raises there.
       items = {}
       for index in range(config.num_studies):
-        uid = _phantom_uid(index, config.seed)
+        uid = phantom.phantom_study(index, config.seed).study_uid  # parameters only, no pixels
         if uid in items:
           raise ValueError(f"phantom {index} repeats the studyUid of phantom {items[uid]}: {uid}")
         items[uid] = index
@@ -225,9 +211,9 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
     config: LumbarSpineConfig = self.builder_config  # type: ignore[assignment]
     for uid, item in items:
       if config.source == "tianchi":
-        record = records.read_annotated_study(item.folder, item.annotation, headers=item.headers)
+        record = _read(item)
       else:
-        record = records.validate_record(_phantom_record(item, config.seed), study=f"phantom {item}")
+        record = records.validate_record(phantom.generate_study(item, config.seed), study=f"phantom {item}")
         if record["study_uid"] != uid:
           raise ValueError(f"phantom {item}: generate_study gave studyUid {record['study_uid']}, expected {uid}")
       yield uid, to_example(record, fold)

@@ -1,4 +1,4 @@
-"""Parses the official Tianchi annotation JSON into one `StudyAnnotation` per study (SPEC §6, §8).
+"""Parses the official Tianchi annotation JSON into one `StudyAnnotation` per study (docs/method.md#labels).
 
 Schema: a list of studies `{studyUid, version, data: [{seriesUid, instanceUid, annotation: [{annotator,
 data: {point: [{coord: [x, y], tag: {identification, vertebra | disc}, zIndex}]}}]}]}`; `coord` is (column, row)
@@ -63,17 +63,33 @@ def _require(value: Any, kind: type | tuple[type, ...], what: str, study: str, s
   return value
 
 
+def _require_uid(value: Any, what: str, study: str, source: str) -> str:
+  if not _require(value, str, what, study, source).strip():
+    raise StudyError(study, source, f"{what} is empty", errors.BAD_ANNOTATION)
+  return value
+
+
+def _finite_number(value: Any) -> bool:
+  """A JSON number that is finite as a float (JSON allows NaN and integers beyond the float range)."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
+    return False
+  try:
+    return math.isfinite(float(value))
+  except OverflowError:
+    return False
+
+
 def parse_study(entry: Any, source: str) -> StudyAnnotation:
   """Parses one element of the annotation list; raises StudyError naming the study and what is wrong."""
   study = str(entry.get("studyUid", "?")) if isinstance(entry, dict) else "?"
   _require(entry, dict, "study entry", study, source)
-  study_uid = _require(entry.get("studyUid"), str, "studyUid", study, source)
+  study_uid = _require_uid(entry.get("studyUid"), "studyUid", study, source)
   data = _require(entry.get("data"), list, "data", study, source)
   if len(data) != 1:
     raise StudyError(study, source, f"data holds {len(data)} series annotations, expected 1", errors.BAD_ANNOTATION)
   series = _require(data[0], dict, "data[0]", study, source)
-  series_uid = _require(series.get("seriesUid"), str, "data[0].seriesUid", study, source)
-  instance_uid = _require(series.get("instanceUid"), str, "data[0].instanceUid", study, source)
+  series_uid = _require_uid(series.get("seriesUid"), "data[0].seriesUid", study, source)
+  instance_uid = _require_uid(series.get("instanceUid"), "data[0].instanceUid", study, source)
   annotation = _require(series.get("annotation"), list, "data[0].annotation", study, source)
   if len(annotation) != 1:
     raise StudyError(study, source, f"data[0].annotation holds {len(annotation)} annotators, expected 1",
@@ -107,20 +123,21 @@ def parse_study(entry: Any, source: str) -> StudyAnnotation:
     except ValueError as e:
       raise StudyError(study, source, f"{where} ({identification}): {e}", errors.BAD_ANNOTATION) from e
     coord = point.get("coord")
-    if (not isinstance(coord, list) or len(coord) != 2
-        or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coord)):
+    if not isinstance(coord, list) or len(coord) != 2 or not all(_finite_number(c) for c in coord):
       raise StudyError(study, source, f"{where} ({identification}) coord {coord!r} is not two finite numbers",
                        errors.BAD_ANNOTATION)
     if "zIndex" in point:
-      z_indices.add(point["zIndex"])
+      z = point["zIndex"]
+      if not isinstance(z, int) or isinstance(z, bool):
+        raise StudyError(study, source, f"{where} ({identification}) zIndex {z!r} is not an integer",
+                         errors.BAD_ANNOTATION)
+      z_indices.add(z)
     points_xy[index] = coord
     point_valid[index] = True
     tags[index] = label
   if len(z_indices) > 1:
     raise StudyError(study, source, f"points disagree on zIndex: {sorted(z_indices)}", errors.BAD_ANNOTATION)
   z_index = z_indices.pop() if z_indices else -1
-  if not isinstance(z_index, int) or isinstance(z_index, bool):
-    raise StudyError(study, source, f"zIndex {z_index!r} is not an integer", errors.BAD_ANNOTATION)
   return StudyAnnotation(study_uid=study_uid, series_uid=series_uid, instance_uid=instance_uid, z_index=z_index,
                          points_xy=points_xy, point_valid=point_valid, disease=disease, tags=tuple(tags),
                          source=source)
@@ -169,7 +186,7 @@ def load_annotations(paths: str | os.PathLike | Iterable[str | os.PathLike]
     try:
       with open(path, encoding="utf-8") as f:
         entries = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or text; RecursionError: too deep
       raise StudyError("*", path, f"cannot read annotation JSON: {e}", errors.BAD_ANNOTATION) from e
     g, b = parse_entries(entries, path)
     good += g

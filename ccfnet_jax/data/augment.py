@@ -1,18 +1,18 @@
-"""Training augmentations of SPEC §8 as pure JAX functions, run on device inside the jitted train step.
+"""Training augmentations (docs/method.md#data) as pure JAX functions, run on device inside the jitted train step.
 
 One affine matrix per image (rotation, shift, zoom, horizontal flip composed) is applied to the image with a single
 bilinear resampling (zeros outside) and to the points with the same matrix; points that leave the image become
 invalid and their disease label becomes -1. Then intensity scaling, a cubic bias field and (off by default) Gaussian
 noise, and a clip to [0, 1]. Everything is vmapped over the batch and deterministic given the key. No Flax, no I/O.
 
-Coordinate convention (SPEC §5, facts in `ccfnet_jax.coords`): continuous (x, y) in input pixels, pixel column j
-covers [j, j + 1) so its centre is at j + 0.5; a horizontal flip maps x to W - x (`coords.flip_points_x`; here the
-flip is one factor of the composed matrix, and a test pins the two to agree).
+Coordinate convention (docs/method.md#coordinates, facts in `ccfnet_jax.coords`): continuous (x, y) in input pixels,
+pixel column j covers [j, j + 1) so its centre is at j + 0.5; a horizontal flip maps x to W - x
+(`coords.flip_points_x`; here the flip is one factor of the composed matrix, and a test pins the two to agree).
 
 Matrices are 3x3 homogeneous, acting on column vectors (x, y, 1), and map an input position to its output position.
 Rotation: a positive angle turns the picture clockwise on screen (the y axis points down).
 
-Data-level augmentation not done here: slice jitter (+-1 slice, SPEC §8) needs the neighbouring slices of the
+Data-level augmentation not done here: slice jitter (+-1 slice) needs the neighbouring slices of the
 series; our records hold one 3-slice stack per study, so it is not available (it would belong in the reader).
 """
 
@@ -32,15 +32,16 @@ Range = tuple[float, float]
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Probabilities and ranges of the training augmentations; defaults are the reference values of SPEC §8.
+  """Probabilities and ranges of the training augmentations; defaults are the reference values
+  (docs/method.md#data).
 
   Each `*_prob` is the probability that the transform is applied to one image; ranges are (low, high) of a uniform
   draw. Zoom: a centred crop of size `H * (1 + u_y)` x `W * (1 + u_x)` resized back to H x W (an anisotropic scale
   by 1 / (1 + u) about the centre). Shift fractions are of the image height (y) and width (x).
   Noise is given on the 0..255 scale and is off by default (the reference trains without it).
   Point jitter moves each valid point by U(point_jitter_mm) millimetres per axis before the affine warp (label
-  noise; the image is not moved). It is on by default because SPEC §8 lists it among the reference values without
-  an exception; it needs the batch keys `pixel_spacing_mm` and `native_hw` to convert mm to input pixels.
+  noise; the image is not moved). It is on by default because the reference values include it without an exception;
+  it needs the batch keys `pixel_spacing_mm` and `native_hw` to convert mm to input pixels.
   """
 
   rotate_prob: float = 0.8
@@ -82,7 +83,7 @@ class AugmentConfig:
 
   @classmethod
   def reference(cls) -> AugmentConfig:
-    """The reference training augmentation (SPEC §8): the defaults."""
+    """The reference training augmentation (docs/method.md#data): the defaults."""
     return cls()
 
   @classmethod
@@ -127,7 +128,7 @@ def affine_matrix(image_hw: tuple[int, int], angle_deg=0.0, shift_y_frac=0.0, sh
   """The composed forward matrix `[3, 3]` (input px -> output px) of one image.
 
   Order: rotate about the centre by `angle_deg`, zoom about the centre by (1 / (1 + zoom_y_frac), 1 /
-  (1 + zoom_x_frac)) (the centred crop of SPEC §8 resized back), shift by (shift_x_frac * W, shift_y_frac * H), then
+  (1 + zoom_x_frac)) (the centred crop resized back), shift by (shift_x_frac * W, shift_y_frac * H), then
   flip horizontally (x -> W - x) when `flip`. Scalars may be traced (jnp) values.
   """
   h, w = image_hw

@@ -1,38 +1,50 @@
-"""Reads one study folder of DICOM files into the 3-slice input stack (SPEC §8).
+"""Reads the DICOM files of one study into the 3-slice input stack (docs/method.md#data).
 
 A study folder holds every series of one study mixed flat (`studyN/imageK.dcm`; file names carry no meaning).
 Reading:
-  1. `scan_folder`: headers only (`stop_before_pixels`), grouped by SeriesInstanceUID; each series gets its plane
-     from the normal of ImageOrientationPatient, and a sagittal series is sorted by ImagePositionPatient x,
-     descending (index = zIndex).
+  1. `layout.scan_headers` reads every file's header (`read_header`, no pixels); `group_series` groups them by
+     SeriesInstanceUID; each series gets its plane from the normal of ImageOrientationPatient, and a sagittal series
+     is sorted by ImagePositionPatient x, descending (index = zIndex).
   2. `read_study`: picks the slice — the annotation's SOPInstanceUID when given, else the T2-sagittal +
      brightest-middle-slice rule — and decodes only the pixels it needs: slices (z-1, z, z+1) with the edges
      repeated, MONOCHROME1 inverted, each channel min-max scaled to 0..65535 (uint16; a constant slice gives 0).
 
-Bad input policy (documented choice): a file whose header cannot be read (not DICOM, truncated before the image
-tags) makes the whole study fail with `StudyError`, because its series is unknown and it might be one of the slices we
-need. A truncated *pixel* section is only noticed when those pixels are needed (the chosen slice or its neighbours);
-the pixels of decoy series are never decoded. Only files ending in `.dcm` (any case) are read.
+Bad input policy: every problem is a `StudyError` naming the file, the study and a kind; nothing else escapes.
+  - A file whose header cannot be read or is incomplete (not DICOM, cut short, an unknown VR, a broken value) fails
+    the study (corrupt_dicom): its series is unknown, or it claims to be an image and lacks the image tags, so it
+    might be one of the slices we need.
+  - A complete header that is no single-frame image we can place (a structured report, a presentation state, a
+    localizer, an enhanced multi-frame image: not_an_image), or whose geometry is not finite (bad_geometry), fails
+    the study only when it belongs to the series or instance we need; otherwise it is left out and reported in
+    `StudyImage.ignored`.
+  - Pixels are decoded only where needed (the chosen slice, its neighbours, the middle slices the series rule
+    compares); a cut pixel section is corrupt_dicom, a compression without an installed decoder
+    unsupported_transfer_syntax, naming the packages that would decode it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 
 from ccfnet_jax.data import errors
 from ccfnet_jax.data.errors import StudyError
 
 UINT16_MAX = 65535
-_HEADER_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImageOrientationPatient",
-                "ImagePositionPatient", "Rows", "Columns")
+_IDENTITY = {"study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID", "instance_uid": "SOPInstanceUID"}
+_IMAGE_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns")
 _PLANE_THRESHOLD = 0.75
+# SOP classes that are no image, or whose geometry lives in per-frame groups (one file per slice is what we read).
+_NOT_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.104.",
+                           "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.")
+_MULTIFRAME_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4", "1.2.840.10008.5.1.4.1.1.2.1",
+                           "1.2.840.10008.5.1.4.1.1.2.2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +89,7 @@ class StudyImage:
     native_hw: (H, W) pixels.
     series_description: SeriesDescription of the chosen series.
     path: file of the chosen slice.
+    ignored: the folder's bad files that the chosen slices do not need (left out, see the module docstring).
   """
   image: np.ndarray
   pixel_spacing_mm: np.ndarray
@@ -87,10 +100,12 @@ class StudyImage:
   native_hw: tuple[int, int]
   series_description: str
   path: str
+  ignored: tuple[StudyError, ...] = ()
 
 
 def plane_of(orientation: Sequence[float]) -> str:
-  """Plane from the normal (row x column) of ImageOrientationPatient (SPEC §8 thresholds)."""
+  """Plane from the unit normal (row x column) of ImageOrientationPatient: the first of x (sagittal), z (axial),
+  y (coronal) on which |normal| exceeds 0.75, else oblique (docs/method.md#data)."""
   row = np.asarray(orientation[:3], np.float64)
   col = np.asarray(orientation[3:6], np.float64)
   normal = np.cross(row, col)
@@ -106,49 +121,98 @@ def plane_of(orientation: Sequence[float]) -> str:
   return "oblique"
 
 
-def dicom_files(folder: str | os.PathLike) -> list[str]:
-  """The `.dcm` files directly inside `folder`, sorted by name (the order carries no meaning)."""
-  folder = pathlib.Path(folder)
-  return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+  value = ds.get(keyword)
+  return "" if value is None else str(value).strip()
 
 
 def read_header(path: str, study: str) -> SliceHeader:
-  """Reads one file's header without its pixels; raises StudyError (corrupt_dicom) when unreadable."""
+  """Reads one file's header without its pixels.
+
+  Raises:
+    StudyError: corrupt_dicom (unreadable or incomplete header), not_an_image or bad_geometry; the last two carry
+      the file's study, series and instance UIDs.
+  """
+  def fail(reason: str, kind: str = errors.CORRUPT_DICOM, **ids: str) -> StudyError:
+    return StudyError(study, path, reason, kind, **ids)
+
   try:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-  except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-    raise StudyError(study, path, f"unreadable DICOM header: {type(e).__name__}: {e}", errors.CORRUPT_DICOM) from e
-  missing = [tag for tag in _HEADER_TAGS if tag not in ds or ds.get(tag) in (None, "")]
-  if missing:
-    raise StudyError(study, path, f"DICOM header lacks {', '.join(missing)} (truncated file or not an image)",
-                     errors.CORRUPT_DICOM)
+  except Exception as e:  # a damaged file makes pydicom raise nearly anything (struct.error, ...): all mean corrupt
+    raise fail(f"unreadable DICOM header: {type(e).__name__}: {e}") from e
   try:
+    ids = {key: _text(ds, keyword) for key, keyword in _IDENTITY.items()}
+    meta = getattr(ds, "file_meta", pydicom.Dataset())
+    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    frames = ds.get("NumberOfFrames")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+  except Exception as e:  # pydicom converts values lazily: a broken value raises here
+    raise fail(f"bad DICOM header value: {type(e).__name__}: {e}") from e
+  missing = [keyword for key, keyword in _IDENTITY.items() if not ids[key]]
+  if missing:
+    raise fail(f"DICOM header lacks {', '.join(missing)} (cut short, or not a DICOM image)")
+  not_image = None
+  if sop_class.startswith(_NOT_IMAGE_SOP_PREFIXES):
+    not_image = f"SOP class {sop_class} is no image"
+  elif sop_class in _MULTIFRAME_SOP_CLASSES or (frames not in (None, "") and _as_int(frames, 1) > 1):
+    not_image = f"a multi-frame image (SOP class {sop_class}, {frames} frames): one file per slice is read"
+  elif "LOCALIZER" in image_type:
+    not_image = "a localizer (ImageType LOCALIZER)"
+  if not_image:
+    raise fail(not_image, errors.NOT_AN_IMAGE, **ids)
+  try:
+    missing = [k for k in _IMAGE_TAGS if k not in ds or ds.get(k) in (None, "")]
+    if missing:
+      raise fail(f"DICOM header lacks {', '.join(missing)} (cut short, or not an image)", **ids)
     orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
     position = tuple(float(v) for v in ds.ImagePositionPatient)
-    if len(orientation) != 6 or len(position) != 3:
-      raise ValueError(f"ImageOrientationPatient has {len(orientation)} values (6 expected), "
-                       f"ImagePositionPatient {len(position)} (3 expected)")
     number = ds.get("InstanceNumber")
     spacing = ds.get("PixelSpacing")
-    return SliceHeader(
-        path=path, study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-        instance_uid=str(ds.SOPInstanceUID), description=str(ds.get("SeriesDescription", "") or ""),
-        orientation=orientation, position_mm=position,  # type: ignore[arg-type]
-        instance_number=int(number) if number not in (None, "") else 0,
-        rows=int(ds.Rows), columns=int(ds.Columns),
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    header = SliceHeader(
+        path=path, study_uid=ids["study_uid"], series_uid=ids["series_uid"], instance_uid=ids["instance_uid"],
+        description=_text(ds, "SeriesDescription"), orientation=orientation,
+        position_mm=position,  # type: ignore[arg-type]
+        instance_number=_as_int(number, 0), rows=rows, columns=columns,
         pixel_spacing_mm=None if spacing in (None, "") else tuple(float(v) for v in spacing))
-  except (ValueError, TypeError) as e:
-    raise StudyError(study, path, f"bad DICOM header value: {e}", errors.CORRUPT_DICOM) from e
+  except StudyError:
+    raise
+  except Exception as e:  # lazily converted values (DS, IS, US) of a damaged header
+    raise fail(f"bad DICOM header value: {type(e).__name__}: {e}", **ids) from e
+  if len(orientation) != 6 or len(position) != 3:
+    raise fail(f"ImageOrientationPatient has {len(orientation)} values (6 expected), ImagePositionPatient "
+               f"{len(position)} (3 expected)", errors.BAD_GEOMETRY, **ids)
+  if not all(math.isfinite(v) for v in orientation + position):
+    raise fail(f"ImageOrientationPatient {list(orientation)} / ImagePositionPatient {list(position)} hold a value "
+               "that is not finite: the slice cannot be placed", errors.BAD_GEOMETRY, **ids)
+  if np.linalg.norm(np.cross(orientation[:3], orientation[3:])) < 0.5:
+    raise fail(f"ImageOrientationPatient {list(orientation)} is not two orthogonal unit directions",
+               errors.BAD_GEOMETRY, **ids)
+  if rows < 1 or columns < 1:
+    raise fail(f"image of {rows}x{columns} pixels", errors.BAD_IMAGE, **ids)
+  return header
+
+
+def _as_int(value, default: int) -> int:
+  """An IS value as int (a damaged one may hold '1.5' or junk: `default`)."""
+  try:
+    return int(value) if value not in (None, "") else default
+  except (TypeError, ValueError, OverflowError):
+    return default
 
 
 def group_series(headers: Sequence[SliceHeader]) -> dict[str, Series]:
-  """Groups slice headers by SeriesInstanceUID; sagittal series sorted by x descending, others along their normal."""
+  """Groups slice headers by SeriesInstanceUID; sagittal series sorted by x descending, others along their normal.
+
+  A series whose slices lie in different planes gets the plane 'mixed' and is never chosen.
+  """
   by_series: dict[str, list[SliceHeader]] = {}
   for h in headers:
     by_series.setdefault(h.series_uid, []).append(h)
   result = {}
   for uid, members in by_series.items():
-    plane = plane_of(members[0].orientation)
+    planes = {plane_of(h.orientation) for h in members}
+    plane = planes.pop() if len(planes) == 1 else "mixed"
     if plane == "sagittal":
       ordered = sorted(members, key=lambda h: (-h.position_mm[0], h.instance_number, h.path))
     else:
@@ -158,31 +222,50 @@ def group_series(headers: Sequence[SliceHeader]) -> dict[str, Series]:
   return result
 
 
-def scan_folder(folder: str | os.PathLike, study: str | None = None) -> list[SliceHeader]:
-  """Headers of every `.dcm` file in a study folder. Raises StudyError for a missing/empty folder or a bad file."""
-  study = study or os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise StudyError(study, os.fspath(folder), "study folder does not exist", errors.MISSING_FOLDER)
-  files = dicom_files(folder)
-  if not files:
-    raise StudyError(study, os.fspath(folder), "study folder holds no .dcm file", errors.EMPTY_FOLDER)
-  return [read_header(f, study) for f in files]
+def _decoder_problem(ds: pydicom.Dataset) -> str | None:
+  """Why the pixels of `ds` cannot be decoded here (its transfer syntax has no installed decoder), or None."""
+  syntax = getattr(ds, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+  if syntax is None:
+    return None
+  try:
+    decoder = get_decoder(syntax)
+  except NotImplementedError:
+    return f"pixel data in transfer syntax {syntax} ({syntax.name}), which pydicom cannot decode"
+  if decoder.is_available:
+    return None
+  plugins = "; ".join(decoder.missing_dependencies)
+  return (f"pixel data in {syntax.name} ({syntax}) needs a decoder plugin that is not installed: one of {plugins} "
+          "(e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or python-gdcm)")
 
 
 def _decode(header: SliceHeader, study: str) -> np.ndarray:
   """Decoded pixels `[H, W]` float64, MONOCHROME1 inverted so that brighter always means a larger value."""
+  def fail(reason: str, kind: str) -> StudyError:
+    return StudyError(study, header.path, reason, kind, study_uid=header.study_uid, series_uid=header.series_uid,
+                      instance_uid=header.instance_uid)
+
   try:
     ds = pydicom.dcmread(header.path)
+  except Exception as e:  # pydicom raises many types for a damaged file; all mean the same to us.
+    raise fail(f"cannot read the file: {type(e).__name__}: {e}", errors.CORRUPT_DICOM) from e
+  try:
+    unsupported = _decoder_problem(ds)
+  except Exception:  # a damaged transfer syntax value: decoding below reports it
+    unsupported = None
+  if unsupported:
+    raise fail(unsupported, errors.UNSUPPORTED_TRANSFER_SYNTAX)
+  try:
     pixels = np.asarray(ds.pixel_array)
-  except Exception as e:  # pydicom raises many types for damaged pixel data; all mean the same to us.
-    raise StudyError(study, header.path, f"cannot decode pixel data: {type(e).__name__}: {e}",
-                     errors.CORRUPT_DICOM) from e
-  if pixels.ndim != 2:
-    raise StudyError(study, header.path, f"expected one 2-D grey frame, got pixel array of shape {pixels.shape}",
-                     errors.BAD_IMAGE)
-  pixels = pixels.astype(np.float64)
-  if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1":
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits = int(ds.get("BitsStored", 16))
+  except Exception as e:  # pydicom raises many types for damaged pixel data; all mean the same to us.
+    raise fail(f"cannot decode pixel data: {type(e).__name__}: {e}", errors.CORRUPT_DICOM) from e
+  if pixels.ndim != 2:
+    raise fail(f"expected one 2-D grey frame, got pixel array of shape {pixels.shape}", errors.BAD_IMAGE)
+  pixels = pixels.astype(np.float64)
+  if not np.all(np.isfinite(pixels)):
+    raise fail("pixel values that are not finite", errors.BAD_IMAGE)
+  if photometric == "MONOCHROME1":
     pixels = (2.0**bits - 1.0) - pixels
   return pixels
 
@@ -220,30 +303,38 @@ def choose_series(series: dict[str, Series], study: str, folder: str) -> Series:
   return candidates[int(np.argmax(means))]
 
 
-def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, series_uid: str | None = None,
-               study_uid: str | None = None, headers: Sequence[SliceHeader] | None = None,
+def read_study(folder: str | os.PathLike, *, headers: Sequence[SliceHeader], problems: Sequence[StudyError] = (),
+               instance_uid: str | None = None, series_uid: str | None = None, study_uid: str | None = None,
                study: str | None = None) -> StudyImage:
   """Reads the 3-slice input stack of one study.
 
   Args:
-    folder: the study folder (`.../studyN`).
+    folder: the study folder (`.../studyN`), named in errors.
+    headers, problems: the folder's headers and the files that did not read (`layout.scan_headers(folder)`); a
+      problem fails the study when it is corrupt_dicom, names no series, or lies in the series or is the instance
+      the slice needs, and is left out (`StudyImage.ignored`) otherwise.
     instance_uid: the annotated SOPInstanceUID; when None, the T2-sagittal + middle-slice rule picks the slice.
     series_uid: the annotated SeriesInstanceUID; when given, the annotated instance must belong to it.
     study_uid: keep only files of this StudyInstanceUID (a folder may hold several studies).
-    headers: headers from an earlier `scan_folder(folder)` (saves re-reading them).
     study: the study's name in error messages (default: the folder).
 
   Returns:
     StudyImage with `image` uint16 `[H, W, 3]` (slices z-1, z, z+1, edges repeated, each min-max scaled).
 
   Raises:
-    StudyError: empty/missing folder, unreadable file, no sagittal series, annotated instance missing or not
+    StudyError: a problem that matters (above), no sagittal series, annotated instance missing, in two files, not
       sagittal or in another series, bad pixel spacing, neighbour slices of another size.
   """
   folder = os.fspath(folder)
   study = study or folder
-  if headers is None:
-    headers = scan_folder(folder, study)
+  problems = [p.for_study(study) for p in problems]
+  for p in problems:
+    if p.kind == errors.CORRUPT_DICOM or not p.series_uid:
+      raise p
+  if instance_uid is not None:
+    for p in problems:
+      if p.instance_uid == instance_uid:
+        raise p
   if study_uid is not None:
     headers = [h for h in headers if h.study_uid == study_uid]
     if not headers:
@@ -255,6 +346,9 @@ def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, se
     if not matches:
       raise StudyError(study, folder, f"annotated instance {instance_uid} is not in the folder",
                        errors.MISSING_INSTANCE)
+    if len(matches) > 1:
+      raise StudyError(study, matches[1].path, f"annotated instance {instance_uid} is in {len(matches)} files: "
+                       f"{', '.join(h.path for h in matches)}", errors.BAD_IMAGE)
     chosen = all_series[matches[0].series_uid]
     if series_uid is not None and chosen.series_uid != series_uid:
       raise StudyError(study, matches[0].path, f"annotated instance {instance_uid} belongs to series "
@@ -270,6 +364,9 @@ def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, se
   else:
     chosen = choose_series(all_series, study, folder)
     z = len(chosen.slices) // 2
+  for p in problems:
+    if p.series_uid in (chosen.series_uid, series_uid):
+      raise p
 
   centre = chosen.slices[z]
   last = len(chosen.slices) - 1
@@ -287,7 +384,8 @@ def read_study(folder: str | os.PathLike, *, instance_uid: str | None = None, se
   return StudyImage(
       image=image, pixel_spacing_mm=pixel_spacing(centre, study), study_uid=centre.study_uid,
       series_uid=centre.series_uid, instance_uid=centre.instance_uid, z_index=z,
-      native_hw=(int(shape[0]), int(shape[1])), series_description=chosen.description, path=centre.path)
+      native_hw=(int(shape[0]), int(shape[1])), series_description=chosen.description, path=centre.path,
+      ignored=tuple(problems))
 
 
 def to_float01(image: np.ndarray) -> np.ndarray:

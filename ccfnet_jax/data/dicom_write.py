@@ -1,7 +1,7 @@
 """Writes a series of 2-D slices as valid DICOM MR files (pydicom 3, Explicit VR Little Endian).
 
 Generic: it knows nothing about spines or annotations. Used by the tests to build small studies and by the phantom
-generator to write studies in the official Tianchi layout (SPEC §8).
+generator to write studies in the official Tianchi layout (docs/method.md#data).
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ CORONAL_ORIENTATION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 def _ds(value: float) -> DSfloat:
   """A decimal string that fits DICOM's 16-character DS limit."""
   return DSfloat(float(value), auto_format=True)
+
+
+def new_dataset(sop_class_uid: str, instance_uid: str) -> Dataset:
+  """An empty data set of one SOP instance with its file meta (Explicit VR Little Endian), ready to save."""
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = sop_class_uid
+  meta.MediaStorageSOPInstanceUID = instance_uid
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = sop_class_uid
+  ds.SOPInstanceUID = instance_uid
+  return ds
 
 
 def write_series(
@@ -91,15 +104,7 @@ def write_series(
     if len(position) != 3:
       raise ValueError(f"write_series: position for {os.fspath(path)} needs 3 values (x, y, z) mm")
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = uid
+    ds = new_dataset(MRImageStorage, uid)
     ds.Modality = "MR"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.SeriesDescription = description

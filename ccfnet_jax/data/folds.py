@@ -1,4 +1,4 @@
-"""Patient-level cross-validation folds that are the same on every machine (SPEC §8).
+"""Patient-level cross-validation folds that are the same on every machine (docs/method.md#folds).
 
 Sort the studies by the SHA-256 of their studyUid and deal them round-robin into folds 0..num_folds-1, so fold
 sizes differ by at most one and nothing depends on directory order.

@@ -6,10 +6,10 @@ Source: anything with `__len__` and `__getitem__` returning a study record (`ccf
 
 Each record is stretched (not letterboxed) to `image_size` x `image_size` on the host: uint16 -> float32 in [0, 1]
 (/ 65535), resized per channel with PIL's bilinear filter (which widens its support when shrinking, so downsizing is
-antialiased; it uses the same continuous pixel convention as SPEC §5: pixel i covers [i, i + 1)). Points are scaled
-with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
+antialiased; it uses the continuous pixel convention of docs/method.md#coordinates: pixel i covers [i, i + 1)).
+Points are scaled with `ccfnet_jax.coords.scale_points` (x_input = x_native * S / W_native).
 
-Batch contract (host numpy; `to_global` makes them global jax arrays sharded on the mesh's "data" axis):
+Batch contract (host numpy; `parallel.host_to_global` makes them global arrays split on the mesh's "data" axis):
   image float32 `[B, S, S, 3]` in [0, 1]; points_xy float32 `[B, 11, 2]` input px; points_xy_native float32
   `[B, 11, 2]`; native_hw int32 `[B, 2]`; pixel_spacing_mm float32 `[B, 2]`; point_valid bool `[B, 11]`;
   disease int32 `[B, 11]`; example_valid bool `[B]` (False for evaluation padding); record_index int32 `[B]` (index
@@ -34,7 +34,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from ccfnet_jax import coords, objects, parallel
+from ccfnet_jax import coords, objects
 from ccfnet_jax.data import dicom, records
 
 Record = dict[str, Any]
@@ -42,7 +42,6 @@ Batch = dict[str, np.ndarray]
 
 BATCH_KEYS: tuple[str, ...] = ("image", "points_xy", "points_xy_native", "native_hw", "pixel_spacing_mm",
                                "point_valid", "disease", "example_valid", "record_index")
-DATA_AXIS = parallel.DATA_AXIS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,35 +246,3 @@ def eval_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
   """Batches of one evaluation pass over `num_examples` with global `batch_size` (any process count)."""
   return math.ceil(num_examples / batch_size) if batch_size else 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Host batches -> global device arrays.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def data_sharding(mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding) -> jax.sharding.Sharding:
-  """A mesh becomes `NamedSharding(mesh, P("data"))` (leading axis split over "data", replicated elsewhere)."""
-  if isinstance(mesh_or_sharding, jax.sharding.Mesh):
-    if DATA_AXIS not in mesh_or_sharding.axis_names:
-      raise ValueError(f"the mesh has no {DATA_AXIS!r} axis (axes: {mesh_or_sharding.axis_names})")
-    return parallel.data_sharding(mesh_or_sharding)
-  return mesh_or_sharding
-
-
-def to_global(batch: Batch, mesh_or_sharding: jax.sharding.Mesh | jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """Places this host's batch as global jax arrays sharded along the leading (batch) axis.
-
-  Works on one device, on fake CPU devices and across hosts (global batch = local batch * process_count).
-  """
-  sharding = data_sharding(mesh_or_sharding)
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.dtype.kind not in "biuf":
-      raise TypeError(f"to_global: batch[{key!r}] has dtype {value.dtype}; only numeric arrays go to devices")
-    try:
-      out[key] = jax.make_array_from_process_local_data(sharding, value)
-    except ValueError as e:
-      raise ValueError(f"to_global: cannot shard batch[{key!r}] of shape {value.shape} with {sharding}: {e}") from e
-  return out

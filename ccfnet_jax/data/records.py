@@ -20,7 +20,7 @@ import numpy as np
 
 from ccfnet_jax import objects
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors
+from ccfnet_jax.data import dicom, errors, layout
 from ccfnet_jax.data.errors import StudyError
 
 N = objects.NUM_OBJECTS
@@ -106,16 +106,33 @@ def validate_record(record: Mapping[str, Any], study: str = "", file: str = "") 
   return out
 
 
+def disease_labels(source: Sequence[Mapping[str, Any]]) -> np.ndarray:
+  """The `disease` field of every record of a source, stacked: int32 `[N, 11]` (1, 0, -1 unknown).
+
+  Reads only that field (a TFDS source still reads each stored example, but nothing is resized).
+  """
+  if len(source) == 0:
+    raise ValueError("disease_labels: the source is empty")
+  disease = np.stack([np.asarray(source[i]["disease"], np.int32) for i in range(len(source))])
+  if disease.shape[1:] != (N,):
+    raise ValueError(f"disease_labels: 'disease' must be [{N}] per record, got {disease.shape[1:]}")
+  return disease
+
+
 def read_annotated_study(folder: str | os.PathLike, annotation: annotations_lib.StudyAnnotation, *,
-                         headers: Sequence[dicom.SliceHeader] | None = None, study: str | None = None
-                         ) -> dict[str, Any]:
+                         headers: Sequence[dicom.SliceHeader] | None = None, problems: Sequence[StudyError] = (),
+                         study: str | None = None) -> dict[str, Any]:
   """Reads the annotated slice of one study and returns its validated record.
+
+  `headers` and `problems` come from `layout.scan_headers(folder)`, which runs here when `headers` is None.
 
   Raises:
     StudyError: anything `dicom.read_study`, `annotations.check_points_inside` or `validate_record` rejects.
   """
   study = study or f"{annotation.study_uid} ({os.fspath(folder)})"
-  image = dicom.read_study(folder, instance_uid=annotation.instance_uid, series_uid=annotation.series_uid,
-                           study_uid=annotation.study_uid, headers=headers, study=study)
+  if headers is None:
+    headers, problems = layout.scan_headers(folder, study)
+  image = dicom.read_study(folder, headers=headers, problems=problems, instance_uid=annotation.instance_uid,
+                           series_uid=annotation.series_uid, study_uid=annotation.study_uid, study=study)
   annotations_lib.check_points_inside(annotation, image.native_hw, study=study, file=image.path)
   return validate_record(make_record(image, annotation), study=study, file=image.path)

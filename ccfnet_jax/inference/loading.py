@@ -141,10 +141,11 @@ def find_checkpoint(path: str | os.PathLike, *, which: str = "best", fold: int |
   if not steps:
     raise CheckpointError(f"no checkpoint found in {root}: expected a training workdir (fold_K/checkpoints/<step>/), "
                           "a fold directory, a checkpoints directory or a checkpoint step directory (holding state/)")
+  final = rundir.parse_fold_dir(checkpoints_dir.parent.name) == rundir.FINAL_FOLD
   with checkpoint_lib.Checkpointer(checkpoints_dir, read_only=True) as manager:
-    step = _best_step(manager) if which == "best" else manager.latest_step()
+    step = _best_step(manager) if which == "best" and not final else manager.latest_step()
     latest = manager.latest_step()
-  chosen = which
+  chosen = "last" if final else which  # the run on every study evaluates nothing: its model is the last one
   if step is None:
     step, chosen = latest, "last"
     logging.warning("no checkpoint in %s carries a validation score: using the last one (step %s)", checkpoints_dir,

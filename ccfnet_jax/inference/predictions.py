@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

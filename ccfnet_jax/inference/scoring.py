@@ -20,10 +20,9 @@ import numpy as np
 
 from ccfnet_jax import metrics, objects
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom
+from ccfnet_jax.data import dicom, layout
 from ccfnet_jax.data.errors import StudyError
 from ccfnet_jax.inference import predictions as predictions_lib
-from ccfnet_jax.inference.studies import find_study_folders
 
 MISSING_PREDICTION_PX = -1.0e6
 """Coordinate given to a point that has no prediction, so that it is a miss at any pixel spacing."""
@@ -41,10 +40,15 @@ def read_spacings(studies_dir: str | os.PathLike, instance_uids: Iterable[str]
   wanted = set(instance_uids)
   found: dict[str, np.ndarray] = {}
   problems: list[StudyError] = []
-  for folder in find_study_folders(studies_dir):
-    for path in dicom.dicom_files(folder):
+  for folder in layout.study_folders(studies_dir):
+    try:
+      headers, unreadable = layout.scan_headers(folder, folder.name)
+    except StudyError as e:
+      problems.append(e)
+      continue
+    problems += unreadable
+    for header in headers:
       try:
-        header = dicom.read_header(path, folder.name)
         if header.instance_uid in wanted and header.instance_uid not in found:
           found[header.instance_uid] = dicom.pixel_spacing(header, folder.name)
       except StudyError as e:

@@ -14,16 +14,16 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import rundir
 from ccfnet_jax.data import annotations as annotations_lib
-from ccfnet_jax.data import dicom, errors, pipeline, render
+from ccfnet_jax.data import dicom, draw, errors, layout, pipeline
 from ccfnet_jax.data.errors import StudyError
 from ccfnet_jax.inference import predictions as predictions_lib
 from ccfnet_jax.inference import predictor as predictor_lib
@@ -31,21 +31,6 @@ from ccfnet_jax.inference.loading import LoadedModel
 
 UNEXPECTED_ERROR = "unexpected_error"
 """Kind of a study that failed with an error the DICOM reader does not classify (reported, the run goes on)."""
-
-
-def _natural_key(path: pathlib.Path) -> list[Any]:
-  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def find_study_folders(root: str | os.PathLike) -> list[pathlib.Path]:
-  """The study folders under `root` (its sub-folders in natural order: study2 before study10; or `root` itself when it
-  holds `.dcm` files directly). Hidden folders are skipped. Raises FileNotFoundError when `root` is not a folder."""
-  root = pathlib.Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f"--studies={root}: no such directory")
-  if any(p.is_file() and p.suffix.lower() == ".dcm" for p in root.iterdir()):
-    return [root]
-  return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key)
 
 
 def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.StudyAnnotation] | None
@@ -58,13 +43,13 @@ def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.S
     StudyError: the folder is empty or holds an unreadable file, no usable sagittal series, several studies, ...
   """
   name = folder.name
-  headers = dicom.scan_folder(folder, study=name)
+  headers, problems = layout.scan_headers(folder, name)
   uids = sorted({h.study_uid for h in headers})
   annotated = [annotations[uid] for uid in uids if annotations and uid in annotations]
   if annotated:
     ann = annotated[0]
-    image = dicom.read_study(folder, instance_uid=ann.instance_uid, series_uid=ann.series_uid,
-                             study_uid=ann.study_uid, headers=headers, study=name)
+    image = dicom.read_study(folder, headers=headers, problems=problems, instance_uid=ann.instance_uid,
+                             series_uid=ann.series_uid, study_uid=ann.study_uid, study=name)
     return image, ann, None
   if len(uids) > 1:
     raise StudyError(name, str(folder), f"the folder holds {len(uids)} studies ({', '.join(uids)}); predict needs "
@@ -73,32 +58,7 @@ def read_slice(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.S
   if annotations is not None:
     warning = (f"{name}: studyUid {uids[0]} is not in the annotation file: slice chosen by the T2 sagittal "
                "middle-slice rule")
-  return dicom.read_study(folder, headers=headers, study=name), None, warning
-
-
-@dataclasses.dataclass
-class _Loaded:
-  folder: pathlib.Path
-  image: dicom.StudyImage | None = None
-  annotation: annotations_lib.StudyAnnotation | None = None
-  example: dict[str, np.ndarray] | None = None
-  error: StudyError | None = None
-  warning: str | None = None
-
-
-def _load(folder: pathlib.Path, annotations: Mapping[str, annotations_lib.StudyAnnotation] | None,
-          image_size: int) -> _Loaded:
-  """Reads one study and builds its model input; any failure becomes a StudyError in the result (never raised)."""
-  try:
-    image, annotation, warning = read_slice(folder, annotations)
-    record = predictor_lib.unlabelled_record(image.image, image.pixel_spacing_mm, image.study_uid, image.series_uid,
-                                         image.instance_uid)
-    example = pipeline.to_example(record, image_size)
-    return _Loaded(folder, image, annotation, example, warning=warning)
-  except StudyError as e:
-    return _Loaded(folder, error=e)
-  except Exception as e:  # pylint: disable=broad-except  (one bad study must not stop a run over thousands)
-    return _Loaded(folder, error=StudyError(folder.name, str(folder), f"{type(e).__name__}: {e}", UNEXPECTED_ERROR))
+  return dicom.read_study(folder, headers=headers, problems=problems, study=name), None, warning
 
 
 @dataclasses.dataclass
@@ -130,8 +90,8 @@ def draw_overlay(loaded: _Loaded, pred: predictions_lib.StudyPrediction, directo
   """Writes `directory/<folder name>.png`: the slice with the predicted points, names and probabilities."""
   assert loaded.image is not None
   labels = None if loaded.annotation is None else loaded.annotation.disease
-  picture = render.draw_study(loaded.image.image, pred.pred_xy, probs=pred.prob, labels=labels,
-                              title=f"{loaded.folder.name} z={pred.z_index}")
+  picture = draw.draw_study(loaded.image.image, pred.pred_xy, probs=pred.prob, labels=labels,
+                            title=f"{loaded.folder.name} z={pred.z_index}")
   path = os.path.join(os.fspath(directory), f"{loaded.folder.name}.png")
   picture.save(path)
   return path
@@ -161,7 +121,7 @@ def predict_studies(predictor: predictor_lib.Predictor, studies_dir: str | os.Pa
   """
   import tqdm  # pylint: disable=g-import-not-at-top
 
-  folders = find_study_folders(studies_dir)
+  folders = layout.study_folders(studies_dir)
   by_uid = None
   annotation_errors: list[StudyError] = []
   if annotations is not None:

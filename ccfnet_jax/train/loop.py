@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -177,7 +177,7 @@ def _flush(window: list[tuple[int, dict[str, Any]]], folds: Sequence[_Fold]) -> 
 
 
 def _train_group(config: ml_collections.ConfigDict, workdir: str, group: Sequence[setup.FoldData], *,
-                 mesh: jax.sharding.Mesh, compiled: _Compiled, num_params: int, batching: str) -> dict[int, dict[str, Any]]:
+                 mesh: jax.sharding.Mesh, compiled: _Compiled, num_params: int, batching: str) -> None:
   """Trains the folds of `group` together from their latest checkpoints; writes each fold's results.json."""
   eval_batch_size = config.eval_batch_size or config.batch_size
   options = pipeline.PipelineOptions(num_threads=config.num_data_threads, worker_count=config.num_data_workers)
@@ -189,20 +189,21 @@ def _train_group(config: ml_collections.ConfigDict, workdir: str, group: Sequenc
 
   folds, states = [], []
   for data in group:
-    _, _, state = setup.init_state(setup.initial_model(config, jax.random.fold_in(setup.fold_key(config, data.fold),
+    _, _, state = setup.init_state(setup.initial_model(config, jax.random.fold_in(setup.fold_key(config, data.number),
                                                                                    0), report), config.weight_decay)
     states.append(state)
     fold_dir = rundir.fold_dir(workdir, data.fold)
-    args = steps.FoldArgs(fold=np.int32(data.fold), pos_weight=np.asarray(data.pos_weight, np.float32),
+    args = steps.FoldArgs(fold=np.int32(data.number), pos_weight=np.asarray(data.pos_weight, np.float32),
                           learning_rate=rates)
     train_iter = iter(pipeline.train_dataset(data.train_source, batch_size=config.batch_size,
-                                             image_size=config.image_size, seed=config.seed * 1000 + data.fold,
+                                             image_size=config.image_size, seed=config.seed * 1000 + data.number,
                                              options=options))
     folds.append(_Fold(data=data, dir=fold_dir, args=args, train_iter=train_iter,
                        checkpoints=checkpoint_lib.Checkpointer(rundir.checkpoints_dir(workdir, data.fold),
                                                                keep=config.keep_checkpoints),
                        writer=logging_utils.MetricWriter(fold_dir)))
-    report(f"fold {data.fold}: {len(data.train_source)} train / {len(data.val_source)} val studies; label counts "
+    held_out = f"{len(data.val_source)} val studies" if data.val_source is not None else "none held out"
+    report(f"fold {data.fold}: {len(data.train_source)} train studies, {held_out}; label counts "
            f"{data.label_counts} -> pos_weight (vertebra, disc) ({data.pos_weight[0]:.4f}, "
            f"{data.pos_weight[1]:.4f}); {num_steps} steps, {epoch_steps} per epoch; {jax.device_count()} devices on "
            f"{jax.process_count()} process(es)")
@@ -227,13 +228,14 @@ def _train_group(config: ml_collections.ConfigDict, workdir: str, group: Sequenc
       fold.checkpoints.close()
       fold.writer.close()
 
-  out = {}
   for fold in folds:
-    result = {**results.summarize_history(fold.history), "params": num_params}
+    if fold.data.val_source is None:
+      result = results.final_result(num_steps, epoch_of(num_steps, epoch_steps), len(fold.data.train_source))
+    else:
+      result = results.summarize_history(fold.history)
+    result["params"] = num_params
     if jax.process_index() == 0:
       rundir.write_json(os.path.join(fold.dir, rundir.RESULTS_FILE), result)
-    out[fold.index] = result
-  return out
 
 
 def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: steps.TrainState, args: steps.FoldArgs,
@@ -256,6 +258,7 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
                                                                              s.batch_stats, stats)),
                       static_argnums=1, out_shardings=replicated, donate_argnums=0)
   window: list[tuple[int, dict[str, jax.Array]]] = []
+  evaluated = all(f.data.val_source is not None for f in folds)
   while step < num_steps:
     host = [next(f.train_iter) for f in folds]
     batches = parallel.host_to_global({k: np.stack([b[k] for b in host]) for k in host[0]}, mesh,
@@ -263,8 +266,8 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
     stacked, scalars = compiled.train(stacked, batches, args)
     step += 1
     window.append((step, scalars))
-    is_eval = step % eval_every == 0 or step == num_steps
-    is_checkpoint = is_eval or step % checkpoint_every == 0
+    is_eval = evaluated and (step % eval_every == 0 or step == num_steps)
+    is_checkpoint = is_eval or step % checkpoint_every == 0 or step == num_steps
     if step % config.log_every_steps == 0 or is_checkpoint:
       means = _flush(window, folds)
       window = []
@@ -348,6 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   check_run_config(config, workdir, allow_change=allow_config_change)
   fold_ids = config_lib.parse_folds(config.fold, config.num_folds)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  if fold_ids is None:  # every study, none held out
+    fold_ids = [None]
   parallel.check_global_batch_size(config.batch_size, mesh)
   parallel.check_global_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
 
@@ -356,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # One schedule table length and one step for every group: sequential folds compile their step once.
   schedule_length = max(setup.total_steps(config, max(setup.steps_per_epoch(config, len(d.train_source))
                                                       for d in group)) for group in groups)
-  model = setup.create_model(config, setup.fold_key(config, fold_ids[0]))
+  model = setup.create_model(config, setup.fold_key(config, data[0].number))
   num_params = complexity.count_params(model)
   train_graphdef, eval_graphdef, _ = setup.init_state(model, config.weight_decay)
   settings = setup.step_settings(config, model.stride)
@@ -365,10 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                   settings=settings),
                        evaluate=jit_eval_step(mesh, eval_graphdef, bool(config.flip_tta)),
                        train_graphdef=train_graphdef, schedule_length=schedule_length)
-  fold_results = {}
   for group in groups:
-    fold_results.update(_train_group(config, workdir, group, mesh=mesh, compiled=compiled, batching=batching,
-                                     num_params=num_params))
+    _train_group(config, workdir, group, mesh=mesh, compiled=compiled, batching=batching, num_params=num_params)
   run_results = results.collect_results(workdir, config.num_folds)
   if jax.process_index() == 0:
     rundir.write_json(os.path.join(workdir, rundir.RESULTS_FILE), run_results)

@@ -24,6 +24,13 @@ def summarize_history(history: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
   return {"best": {k: best[k] for k in keys}, "last": {k: history[-1][k] for k in keys}}
 
 
+def final_result(step: int, epoch: float | int, num_studies: int) -> dict[str, Any]:
+  """The results of a run on every study: no held-out evaluation, so the last checkpoint is the model."""
+  return {"final": {"step": step, "epoch": epoch, "checkpoint": "last", "train_studies": num_studies,
+                    "note": "trained on every study: no fold held out, no validation metrics; the last "
+                            "checkpoint is the model (predict / export take it with --fold=none)"}}
+
+
 def collect_results(workdir: str | os.PathLike, num_folds: int) -> dict[str, Any]:
   """`workdir/results.json`'s content from every `fold_K/results.json` present.
 
@@ -38,6 +45,9 @@ def collect_results(workdir: str | os.PathLike, num_folds: int) -> dict[str, Any
       fold_result = rundir.read_json(path)
       folds[str(k)] = {"best": fold_result["best"], "last": fold_result["last"]}
   results: dict[str, Any] = {"folds": folds}
+  final = os.path.join(rundir.fold_dir(workdir, rundir.FINAL_FOLD), rundir.RESULTS_FILE)
+  if os.path.isfile(final):
+    results["final"] = rundir.read_json(final)["final"]
   if len(folds) == num_folds:
     results["mean"], results["std"] = {}, {}
     for which in ("best", "last"):
@@ -59,6 +69,10 @@ def format_table(results: Mapping[str, Any], config: ml_collections.ConfigDict, 
   params = f"{num_params / 1e6:.2f}" if num_params else "?"
   name = "CCF-Net" if config.model.name == "ccfnet" else config.model.name
   folds = results["folds"]
+  if "final" in results:
+    final = results["final"]
+    lines.append(f"| {name} | {model_label(config)} | {params} | every study ({final['train_studies']}) | "
+                 f"last: {final['epoch']} | | | | | no held-out fold |")
   for which in ("best", "last"):
     if "mean" in results:
       cells = [f"{results['mean'][which][c]:.2f} ± {results['std'][which][c]:.2f}" for c in COLUMNS]

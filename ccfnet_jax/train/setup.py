@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tfds_spine
 from flax import nnx
 
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import convert, losses, schedules
-from ccfnet_jax.data import sources
+from ccfnet_jax import convert, losses, rundir, schedules
+from ccfnet_jax.data import records, subsets
 from ccfnet_jax.models import layers
 from ccfnet_jax.train import steps
 
@@ -25,13 +26,16 @@ from ccfnet_jax.train import steps
 class FoldData:
   """One fold's sources and the numbers derived from them.
 
-  fold: the held-out fold. train_source / val_source: random-access record sources (`tfds_spine`).
-  label_counts: {'vertebra': (n_neg, n_pos), 'disc': (...)} of the training labels -> pos_weight (vertebra, disc).
+  fold: the held-out fold, or 'none' for the run on every study. number: the fold's index for its random streams
+  (`num_folds` for the run on every study). train_source / val_source: random-access record sources (`tfds_spine`;
+  val_source None when no study is held out). label_counts: {'vertebra': (n_neg, n_pos), 'disc': (...)} of the
+  training labels -> pos_weight (vertebra, disc).
   """
 
-  fold: int
+  fold: int | str
+  number: int
   train_source: Sequence[Any]
-  val_source: Sequence[Any]
+  val_source: Sequence[Any] | None
   label_counts: dict[str, tuple[int, int]]
   pos_weight: tuple[float, float]
 
@@ -41,8 +45,10 @@ def data_dir_of(config: ml_collections.ConfigDict, workdir: str) -> str:
   return os.path.abspath(os.path.expanduser(config.data_dir or os.path.join(workdir, "tensorflow_datasets")))
 
 
-def open_fold(config: ml_collections.ConfigDict, fold: int, workdir: str) -> FoldData:
-  """Fold `fold`'s sources and label statistics; process 0 builds the data set on first use while the others wait."""
+def open_fold(config: ml_collections.ConfigDict, fold: int | None, workdir: str) -> FoldData:
+  """Fold `fold`'s sources and label statistics (fold None: every study, none held out); process 0 builds the data
+  set on first use while the others wait. With `config.train_fraction` < 1 the training source is the fold's nested
+  subset (`data.subsets`)."""
   kwargs: dict[str, Any] = {}
   manual_dir = None
   if config.dataset == "phantom":
@@ -52,7 +58,8 @@ def open_fold(config: ml_collections.ConfigDict, fold: int, workdir: str) -> Fol
   data_dir = data_dir_of(config, workdir)
 
   def open_():
-    return sources.open_fold(config.dataset, data_dir, manual_dir, fold=fold, num_folds=config.num_folds, **kwargs)
+    return tfds_spine.open_fold(config.dataset, data_dir, manual_dir, fold=fold, num_folds=config.num_folds,
+                                **kwargs)
 
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -60,11 +67,23 @@ def open_fold(config: ml_collections.ConfigDict, fold: int, workdir: str) -> Fol
       open_()
     multihost_utils.sync_global_devices("ccfnet_dataset_built")
   train_source, val_source = open_()
-  counts = sources.label_counts(train_source)
+  disease = records.disease_labels(train_source)
+  fraction = float(config.get("train_fraction", 1.0))
+  if fraction < 1.0:
+    uids = [_text(train_source[i]["study_uid"]) for i in range(len(train_source))]
+    order = subsets.nested_order(uids, disease, salt=f"seed{config.seed}")
+    keep = sorted(order[:subsets.subset_size(fraction, len(order))])
+    train_source, disease = subsets.Subset(train_source, keep), disease[keep]
+  counts = losses.label_counts(disease)
   pos_weight = (losses.class_balanced_pos_weight(*counts["vertebra"]),
                 losses.class_balanced_pos_weight(*counts["disc"]))
-  return FoldData(fold=fold, train_source=train_source, val_source=val_source, label_counts=counts,
-                  pos_weight=pos_weight)
+  return FoldData(fold=rundir.FINAL_FOLD if fold is None else fold,
+                  number=config.num_folds if fold is None else fold, train_source=train_source,
+                  val_source=val_source, label_counts=counts, pos_weight=pos_weight)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

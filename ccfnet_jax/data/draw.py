@@ -1,11 +1,7 @@
 """Pictures of studies: the image with its 11 points, names and labels (or predicted probabilities) drawn (pillow).
 
-`draw_study` draws one study (used for data checks here and for prediction overlays by the inference commands);
-`grid` tiles pictures. The command renders a grid of examples:
-
-  python -m ccfnet_jax.data.render --source=phantom --n=16 --out=grid.png
-  python -m ccfnet_jax.data.render --source=tianchi --manual_dir=../shared/data/tianchi --n=16 --out=real.png
-  python -m ccfnet_jax.data.render --source=phantom --data_dir=tfds_data --n=16 --out=grid.png   (built TFDS data)
+`draw_study` draws one study (data checks, prediction overlays); `draw_record` a data record; `grid` tiles pictures.
+The command `python -m ccfnet_jax.render` draws a grid of examples.
 
 Colours: green normal (label 0), red diseased (label 1), grey unknown (-1); with probabilities, the fill goes from green
 (0) to red (1) and a ring in the label's colour shows the ground truth when labels are given too.
@@ -13,12 +9,9 @@ Colours: green normal (label 0), red diseased (label 1), grey unknown (-1); with
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
 from PIL import Image, ImageDraw, ImageFont
 
 from ccfnet_jax import objects
@@ -151,95 +144,3 @@ def draw_record(record: dict, *, title: str | None = None, size: int | None = No
   """`draw_study` of a data record (`image`, `points_xy`, `point_valid`, `disease`)."""
   return draw_study(record["image"], record["points_xy"], valid=record["point_valid"], labels=record["disease"],
                     title=title, size=size)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Command
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _phantom_pictures(n: int, seed: int, start: int, size: int) -> list[Image.Image]:
-  from ccfnet_jax.data import phantom  # pylint: disable=g-import-not-at-top
-  pictures = []
-  for index in range(start, start + n):
-    record = phantom.generate_study(index, seed)
-    h, w = record["image"].shape[:2]
-    pictures.append(draw_record(record, title=f"phantom {index} {h}x{w} {record['pixel_spacing_mm'][0]:.2f}mm",
-                                size=size))
-  return pictures
-
-
-def _tianchi_pictures(manual_dir: str, n: int, start: int, size: int) -> list[Image.Image]:
-  """Reads annotated studies straight from the official layout (`<name>_annotation.json` + `<name>/studyN/`)."""
-  from ccfnet_jax.data import annotations, dicom, records  # pylint: disable=g-import-not-at-top
-  from ccfnet_jax.data.errors import StudyError  # pylint: disable=g-import-not-at-top
-  pictures = []
-  json_paths = sorted(glob.glob(os.path.join(manual_dir, "*_annotation.json")))
-  if not json_paths:
-    raise FileNotFoundError(f"no *_annotation.json in {manual_dir}")
-  for json_path in json_paths:
-    by_uid = {a.study_uid: a for a in annotations.load_annotations(json_path)[0]}
-    root = json_path[: -len("_annotation.json")]
-    folders = sorted(glob.glob(os.path.join(root, "study*")), key=lambda p: (len(p), p))
-    for folder in folders[start:]:
-      if len(pictures) >= n:
-        return pictures
-      try:
-        headers = dicom.scan_folder(folder)
-        uids = {h.study_uid for h in headers} & by_uid.keys()
-        if not uids:
-          continue
-        record = records.read_annotated_study(folder, by_uid[uids.pop()], headers=headers)
-      except StudyError as e:
-        print(f"skipping {folder}: {e}")
-        continue
-      h, w = record["image"].shape[:2]
-      title = f"{os.path.basename(folder)} {h}x{w} {record['pixel_spacing_mm'][0]:.2f}mm"
-      pictures.append(draw_record(record, title=title, size=size))
-  return pictures
-
-
-def _tfds_pictures(config: str, data_dir: str, manual_dir: str | None, n: int, start: int, size: int
-                   ) -> list[Image.Image]:
-  import tfds_spine  # pylint: disable=g-import-not-at-top
-  source = tfds_spine.load_source(config, "+".join(f"fold{k}" for k in range(tfds_spine.NUM_FOLDS)), data_dir,
-                                  manual_dir)
-  pictures = []
-  for i in range(start, min(start + n, len(source))):
-    record = source[i]
-    uid = record["study_uid"]
-    uid = uid.decode() if isinstance(uid, bytes) else str(uid)
-    pictures.append(draw_record(record, title=f"{config} ...{uid[-12:]}", size=size))
-  return pictures
-
-
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("source", "phantom", ["phantom", "tianchi"], "Which data to draw.")
-flags.DEFINE_string("manual_dir", None, "Folder with <name>_annotation.json + <name>/ (tianchi source).")
-flags.DEFINE_string("data_dir", None, "A built lumbar_spine TFDS data dir: read the examples from there instead.")
-flags.DEFINE_integer("n", 16, "Number of studies.")
-flags.DEFINE_integer("cols", 4, "Pictures per row.")
-flags.DEFINE_integer("start", 0, "First phantom index / study folder / example.")
-flags.DEFINE_integer("seed", 0, "Phantom set seed.")
-flags.DEFINE_integer("size", 320, "Longest side of each picture (px).")
-flags.DEFINE_string("out", "grid.png", "Output PNG.")
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if FLAGS.data_dir:
-    pictures = _tfds_pictures(FLAGS.source, FLAGS.data_dir, FLAGS.manual_dir, FLAGS.n, FLAGS.start, FLAGS.size)
-  elif FLAGS.source == "phantom":
-    pictures = _phantom_pictures(FLAGS.n, FLAGS.seed, FLAGS.start, FLAGS.size)
-  else:
-    if not FLAGS.manual_dir:
-      raise app.UsageError("--source=tianchi needs --manual_dir (the folder holding lumbar_train150_annotation.json)")
-    pictures = _tianchi_pictures(FLAGS.manual_dir, FLAGS.n, FLAGS.start, FLAGS.size)
-  if not pictures:
-    raise app.UsageError("no study could be drawn")
-  grid(pictures, FLAGS.cols).save(FLAGS.out)
-  print(f"wrote {len(pictures)} studies to {FLAGS.out}")
-
-
-if __name__ == "__main__":
-  app.run(main)
