@@ -20,6 +20,7 @@ TOP_LEVEL = ("run",)
 COMMANDS = {
     "run": "run", "predict": "ccfnet_jax.predict", "evaluate": "ccfnet_jax.evaluate", "export": "ccfnet_jax.export",
     "bench": "ccfnet_jax.bench", "table": "ccfnet_jax.table", "render": "ccfnet_jax.render",
+    "sample_size": "ccfnet_jax.sample_size",
     "tfds_spine.build": "tfds_spine.build",
 }
 

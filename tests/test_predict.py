@@ -235,3 +235,26 @@ def test_rounding_and_tags():
 def test_predictor_batch_size_must_fit_the_mesh(run):
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     predictor_lib.Predictor(run["loaded"].model, image_size=run["loaded"].image_size, batch_size=jax.device_count() + 1)
+
+
+def test_a_final_model_on_every_study_is_predicted_like_any_run(tmp_path, run):
+  """`fold=none` trains on all 16 studies with no validation, keeps its last checkpoint, says so in results.json,
+  and predict / export find it with no --fold (or with fold='none')."""
+  config = tiny_training.tiny_config(num_steps=4, phantom_studies=NUM_STUDIES, fold="none", checkpoint_every_steps=2)
+  workdir = tmp_path / "final"
+  results = train.train_and_evaluate(config, str(workdir))
+  assert results["folds"] == {} and results["final"]["step"] == 4 and results["final"]["checkpoint"] == "last"
+  assert results["final"]["train_studies"] == NUM_STUDIES
+  lines = [json.loads(line) for line in (workdir / "fold_none" / "metrics.jsonl").read_text().splitlines()]
+  assert not [r for r in lines if r["split"] == "eval"]
+  config_line = next(r for r in lines if r["split"] == "config")  # pos_weight from the labels of every study
+  assert config_line["pos_weight_vertebra"] != pytest.approx(
+      json.loads((run["workdir"] / "fold_0" / "metrics.jsonl").read_text().splitlines()[0])["pos_weight_vertebra"])
+  for fold in (None, "none"):
+    ref = loading.find_checkpoint(workdir, which="best", fold=fold)
+    assert ref.step == 4 and ref.which == "last" and "fold_none" in ref.step_dir
+  loaded = loading.load_model(workdir)
+  runner = predictor_lib.Predictor(loaded.model, image_size=loaded.image_size, batch_size=BATCH)
+  predicted = studies.predict_studies(runner, run["studies_dir"], progress=False)
+  assert len(predicted.predictions) == NUM_STUDIES
+  assert all(np.all(np.isfinite(p.pred_xy)) for p in predicted.predictions)
