@@ -389,6 +389,8 @@ def render_html(studies: Sequence[StudyResult], failed: Iterable[Any] = (), *,
 {_metrics_block(metrics, notes, num_truth, computed)}
 <div class="controls">Sort by <select id="sort">{select}</select>
 <label><input type="checkbox" id="misses"> only studies with a miss</label></div>
+<p class="note">Points: filled green (probability 0) to red (1), ringed in the colour of the true label (green normal,
+red diseased); cyan cross: ground truth; yellow line: a miss. Coordinates in native pixels of the slice.</p>
 <div id="tiles">
 {tiles}
 </div>
