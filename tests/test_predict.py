@@ -18,7 +18,7 @@ import pytest
 import tiny_training
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import metrics, objects, rundir, train
-from ccfnet_jax.inference import loading, predictions, predictor as predictor_lib, scoring, studies
+from ccfnet_jax.inference import loading, predictions, predictor as predictor_lib, report, scoring, studies
 from ccfnet_jax.train import setup
 from ccfnet_jax.data import annotations as annotations_lib
 from ccfnet_jax.data import folds, layout, phantom, pipeline
@@ -258,3 +258,15 @@ def test_a_final_model_on_every_study_is_predicted_like_any_run(tmp_path, run):
   predicted = studies.predict_studies(runner, run["studies_dir"], progress=False)
   assert len(predicted.predictions) == NUM_STUDIES
   assert all(np.all(np.isfinite(p.pred_xy)) for p in predicted.predictions)
+
+
+def test_the_qc_page_has_a_tile_per_predicted_study_and_lists_the_failed(run, tmp_path):
+  predicted = studies.predict_studies(run["predictor"], run["studies_dir"], annotations=run["annotation_path"],
+                                      progress=False, report_tiles=True)
+  page = report.write_report(tmp_path / "qc", predicted.report_studies, predicted.failed)
+  text = open(page, encoding="utf-8").read()
+  assert text.count('class="tile') == len(predicted.predictions) == NUM_STUDIES
+  assert "study_corrupt" in text and "study_empty" in text
+  summary = json.loads(text.split('id="summary">')[1].split("</script>")[0])
+  assert summary["metrics"] is not None and len(summary["studies"]) == NUM_STUDIES
+  assert all(len(s["error_mm"]) == objects.NUM_OBJECTS for s in summary["studies"])

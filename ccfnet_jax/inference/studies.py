@@ -27,6 +27,7 @@ from ccfnet_jax.data import dicom, draw, errors, layout, pipeline
 from ccfnet_jax.data.errors import StudyError
 from ccfnet_jax.inference import predictions as predictions_lib
 from ccfnet_jax.inference import predictor as predictor_lib
+from ccfnet_jax.inference import report
 from ccfnet_jax.inference.loading import LoadedModel
 
 UNEXPECTED_ERROR = "unexpected_error"
@@ -105,6 +106,7 @@ class PredictionRun:
   warnings: list[str]
   annotation_errors: list[StudyError]
   num_folders: int
+  report_studies: list[report.StudyResult] = dataclasses.field(default_factory=list)
 
   def entries(self) -> list[dict[str, Any]]:
     return [predictions_lib.prediction_entry(p) for p in self.predictions]
@@ -113,11 +115,12 @@ class PredictionRun:
 def predict_studies(predictor: predictor_lib.Predictor, studies_dir: str | os.PathLike, *,
                     annotations: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                     overlays_dir: str | os.PathLike | None = None, num_threads: int = 4,
-                    progress: bool = True) -> PredictionRun:
+                    progress: bool = True, report_tiles: bool = False) -> PredictionRun:
   """Predicts every study folder under `studies_dir` (see the module docstring).
 
   Reading runs in `num_threads` threads one batch ahead of the model. Unreadable studies are collected in
-  `PredictionRun.failed` with their reasons; the others are predicted.
+  `PredictionRun.failed` with their reasons; the others are predicted. With `report_tiles`, each predicted study's
+  slice, prediction and (with annotations) ground truth are kept for the QC page (`PredictionRun.report_studies`).
   """
   import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -134,6 +137,7 @@ def predict_studies(predictor: predictor_lib.Predictor, studies_dir: str | os.Pa
   failed = errors.SkipReport()
   warnings_: list[str] = []
   predictions: list[predictions_lib.StudyPrediction] = []
+  report_studies: list[report.StudyResult] = []
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool, \
       tqdm.tqdm(total=len(folders), unit="study", desc="predict", disable=not progress) as bar:
 
@@ -156,15 +160,28 @@ def predict_studies(predictor: predictor_lib.Predictor, studies_dir: str | os.Pa
         out = predictor(predictor_lib.stack_examples([g.example for g in good], size, predictor.image_size))
         for i, item in enumerate(good):
           image = item.image
-          pred = predictions_lib.StudyPrediction(folder=str(item.folder), study_uid=image.study_uid, series_uid=image.series_uid,
-                                 instance_uid=image.instance_uid, z_index=int(image.z_index),
-                                 native_hw=tuple(int(v) for v in image.native_hw), pred_xy=out["pred_xy"][i],
-                                 prob=out["pred_prob"][i])
+          pred = predictions_lib.StudyPrediction(
+              folder=str(item.folder), study_uid=image.study_uid, series_uid=image.series_uid,
+              instance_uid=image.instance_uid, z_index=int(image.z_index),
+              native_hw=tuple(int(v) for v in image.native_hw), pred_xy=out["pred_xy"][i], prob=out["pred_prob"][i])
           predictions.append(pred)
           if overlays_dir is not None:
             draw_overlay(item, pred, overlays_dir)
+          if report_tiles:
+            report_studies.append(_report_study(item, pred))
       bar.update(len(loaded))
-  return PredictionRun(predictions, failed, warnings_, annotation_errors, len(folders))
+  return PredictionRun(predictions, failed, warnings_, annotation_errors, len(folders), report_studies)
+
+
+def _report_study(loaded: _Loaded, pred: predictions_lib.StudyPrediction) -> report.StudyResult:
+  """A QC tile's inputs: the middle slice (kept small), the prediction, and the annotation where there is one."""
+  image = loaded.image.image[..., loaded.image.image.shape[-1] // 2]
+  ann = loaded.annotation
+  if ann is None:
+    return report.StudyResult(loaded.folder.name, image, pred.pred_xy, pred.prob)
+  return report.StudyResult(loaded.folder.name, image, pred.pred_xy, pred.prob, gt_xy=ann.points_xy,
+                            gt_valid=ann.point_valid, gt_disease=ann.disease,
+                            pixel_spacing_mm=loaded.image.pixel_spacing_mm)
 
 
 def write_outputs(run: PredictionRun, output: str | os.PathLike, info: Mapping[str, Any] | None = None
