@@ -33,9 +33,10 @@ _RESNET_MODELS = ("ccfnet", "simplebaseline")
 TRAINING_NEUTRAL_FIELDS = frozenset({
     "fold", "data_dir", "manual_dir", "num_data_threads", "num_data_workers", "log_every_steps", "keep_checkpoints",
     "eval_batch_size", "eval_every_steps", "checkpoint_every_steps", "parallel_folds", "fold_batching",
+    "data_on_device",
 })
-"""Fields a resumed run may change freely: where data lives, how it is read, logged, kept or batched; not what the
-model learns (folds trained stacked or in turn give the same model up to float rounding)."""
+"""Fields a resumed run may change freely: where data lives, how it is read, fed, logged, kept or batched; not what
+the model learns (folds trained stacked or in turn give the same model up to float rounding)."""
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.image_size = 512
   config.num_data_threads = 2  # Grain reader threads per process
   config.num_data_workers = 0  # Grain worker processes (0: read in the training process)
+  # True: the resized training and evaluation data on the devices once, each step gathering its batch there
+  # (the host pipeline's batches, in its order); for accelerators, where the host would set the pace.
+  config.data_on_device = False
 
   # Model.
   config.model = ml_collections.ConfigDict({"name": "ccfnet", "depth": 18, "msc": True})

@@ -225,9 +225,10 @@ def test_evaluation_maps_predictions_to_native_pixels_and_millimetres():
             "tags": np.asarray([""] * n), "study_uid": "s", "series_uid": "r", "instance_uid": "i"}
 
   state = parallel.replicate(state, mesh)
-  exact = loop.evaluate(jit_eval, state, [record(0.0)] * 10, batch_size=8, image_size=size, mesh=mesh)
+  exact = loop.evaluate(jit_eval, state, loop.eval_batches([record(0.0)] * 10, batch_size=8, image_size=size,
+                                                          mesh=mesh))
   assert exact["disc_recall"] == pytest.approx(100.0) and exact["vertebra_recall"] == pytest.approx(100.0)
-  off = loop.evaluate(jit_eval, state, [record(7.0)] * 3, batch_size=8, image_size=size, mesh=mesh)
+  off = loop.evaluate(jit_eval, state, loop.eval_batches([record(7.0)] * 3, batch_size=8, image_size=size, mesh=mesh))
   assert off["disc_recall"] == 0.0 and off["vertebra_recall"] == 0.0
 
 

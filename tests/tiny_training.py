@@ -107,6 +107,19 @@ def fake_batch(batch_size: int = 8, image_size: int = IMAGE_SIZE, seed: int = 0)
   }
 
 
+def fake_record(index: int, native_hw: tuple[int, int] = (96, 80)) -> dict:
+  """A study record of the data contract (`ccfnet_jax.data.records`) with random pixels and points."""
+  rng = np.random.default_rng(index)
+  n = objects.NUM_OBJECTS
+  height, width = native_hw
+  return {"image": rng.integers(0, 65535, (height, width, 3), dtype=np.uint16),
+          "pixel_spacing_mm": np.asarray([0.7, 0.6], np.float32),
+          "points_xy": np.stack([rng.uniform(5, width - 5, n), rng.uniform(5, height - 5, n)], -1).astype(np.float32),
+          "point_valid": np.ones(n, bool), "disease": rng.integers(0, 2, n).astype(np.int32),
+          "tags": np.asarray([""] * n), "study_uid": f"1.2.{index}", "series_uid": f"1.3.{index}",
+          "instance_uid": f"1.4.{index}"}
+
+
 def initial_state(config, key: int = 0):
   """(train graphdef, eval graphdef, TrainState) of `config`'s model initialised from `jax.random.key(key)`."""
   from ccfnet_jax.train import setup  # pylint: disable=g-import-not-at-top

@@ -188,6 +188,17 @@ def _finish(ds: grain.MapDataset, options: PipelineOptions) -> grain.IterDataset
   return it
 
 
+def train_index_batches(num_records: int, *, batch_size: int, seed: int) -> grain.MapDataset:
+  """The global training order: batch k's record indices are `[k]` of this (random access, infinite).
+
+  The whole source is reshuffled every epoch from `seed`; an epoch's last batch continues into the next epoch.
+  `train_dataset` loads these batches on the host; `config.data_on_device` gathers them from device memory.
+  """
+  if num_records < batch_size:
+    raise ValueError(f"the training source has {num_records} examples, fewer than one batch of {batch_size}")
+  return grain.MapDataset.range(num_records).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+
+
 def train_dataset(source: Sequence[Record], *, batch_size: int, image_size: int, seed: int,
                   options: PipelineOptions = PipelineOptions(), process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
@@ -201,10 +212,9 @@ def train_dataset(source: Sequence[Record], *, batch_size: int, image_size: int,
   """
   process_index, process_count = _process(process_index, process_count)
   local = local_batch_size(batch_size, process_count)
-  indices = _indices(source, 0, 1)
-  if len(indices) < batch_size:
-    raise ValueError(f"the training source has {len(indices)} examples, fewer than one batch of {batch_size}")
-  ds = indices.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+  if len(source) == 0:
+    raise ValueError("the data source is empty")
+  ds = train_index_batches(len(source), batch_size=batch_size, seed=seed)
   ds = ds.map(_LoadBlock(source, image_size, process_index * local, (process_index + 1) * local))
   return _finish(ds, options)
 

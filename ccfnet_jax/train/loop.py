@@ -12,6 +12,7 @@ Sections of a group: data -> models and states -> jitted steps -> resume -> loop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import complexity, forward, logging_utils, metrics, parallel, rundir
 from ccfnet_jax.data import pipeline
-from ccfnet_jax.train import recalibrate, results, setup, steps
+from ccfnet_jax.train import device_data, recalibrate, results, setup, steps
 
 EVAL_KEYS = ("image", "native_hw", "points_xy_native", "pixel_spacing_mm", "point_valid", "disease", "example_valid")
 
@@ -70,14 +71,16 @@ def jit_eval_step(mesh: jax.sharding.Mesh, graphdef: Any, flip_tta: bool) -> Cal
                  in_shardings=(replicated, replicated, parallel.data_sharding(mesh)), out_shardings=replicated)
 
 
-def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], state: steps.TrainState, source: Sequence[Any], *,
-             batch_size: int, image_size: int, mesh: jax.sharding.Mesh,
-             options: pipeline.PipelineOptions = pipeline.PipelineOptions()) -> dict[str, float]:
-  """The paper's metrics (`metrics.evaluate`, in %) of `state` on every study of `source`."""
-  outputs = []
+def eval_batches(source: Sequence[Any], *, batch_size: int, image_size: int, mesh: jax.sharding.Mesh,
+                 options: pipeline.PipelineOptions = pipeline.PipelineOptions()):
+  """Every study of `source` in evaluation batches (padded), as global arrays, read from the host as they come."""
   for host_batch in pipeline.eval_dataset(source, batch_size=batch_size, image_size=image_size, options=options):
-    batch = parallel.host_to_global({k: host_batch[k] for k in EVAL_KEYS}, mesh)
-    outputs.append(eval_fn(state.params, state.batch_stats, batch))
+    yield parallel.host_to_global({k: host_batch[k] for k in EVAL_KEYS}, mesh)
+
+
+def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], state: steps.TrainState, batches) -> dict[str, float]:
+  """The paper's metrics (`metrics.evaluate`, in %) of `state` over evaluation batches (`eval_batches`)."""
+  outputs = [eval_fn(state.params, state.batch_stats, batch) for batch in batches]
   outputs = jax.device_get(outputs)  # the one host sync of an evaluation
   cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
   keep = cat["example_valid"].astype(bool)
@@ -98,6 +101,7 @@ class _Fold:
   dir: str
   args: steps.FoldArgs
   train_iter: Any
+  val_batches: Any
   checkpoints: checkpoint_lib.Checkpointer
   writer: logging_utils.MetricWriter
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -112,6 +116,7 @@ class _Compiled:
   """What every group of a run shares: one train step, one eval step (compiled once per run)."""
 
   train: Callable[..., Any]
+  train_on_device: Callable[..., Any] | None
   evaluate: Callable[..., Any]
   train_graphdef: Any
   schedule_length: int
@@ -198,7 +203,15 @@ def _train_group(config: ml_collections.ConfigDict, workdir: str, group: Sequenc
     train_iter = iter(pipeline.train_dataset(data.train_source, batch_size=config.batch_size,
                                              image_size=config.image_size, seed=config.seed * 1000 + data.number,
                                              options=options))
-    folds.append(_Fold(data=data, dir=fold_dir, args=args, train_iter=train_iter,
+    if data.val_source is None:
+      val_batches = None
+    elif config.data_on_device:
+      val_batches = device_data.EvalBatches(data.val_source, batch_size=eval_batch_size, image_size=config.image_size,
+                                            mesh=mesh, keys=EVAL_KEYS, options=options)
+    else:
+      val_batches = functools.partial(eval_batches, data.val_source, batch_size=eval_batch_size,
+                                      image_size=config.image_size, mesh=mesh, options=options)
+    folds.append(_Fold(data=data, dir=fold_dir, args=args, train_iter=train_iter, val_batches=val_batches,
                        checkpoints=checkpoint_lib.Checkpointer(rundir.checkpoints_dir(workdir, data.fold),
                                                                keep=config.keep_checkpoints),
                        writer=logging_utils.MetricWriter(fold_dir)))
@@ -259,11 +272,24 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
                       static_argnums=1, out_shardings=replicated, donate_argnums=0)
   window: list[tuple[int, dict[str, jax.Array]]] = []
   evaluated = all(f.data.val_source is not None for f in folds)
+  on_device = None
+  if config.data_on_device:
+    started = time.perf_counter()
+    on_device = device_data.load([f.data.train_source for f in folds],
+                                 [config.seed * 1000 + f.data.number for f in folds], batch_size=config.batch_size,
+                                 image_size=config.image_size, num_steps=num_steps, mesh=mesh)
+    report(f"{prefix}training data on the devices: {on_device.num_bytes / 2**20:.1f} MiB per device "
+           f"({len(folds)} fold(s), {num_steps} steps; {time.perf_counter() - started:.1f}s to load)")
+    for fold in folds:
+      fold.writer.write(step, "config", {"data_on_device_bytes": on_device.num_bytes})
   while step < num_steps:
-    host = [next(f.train_iter) for f in folds]
-    batches = parallel.host_to_global({k: np.stack([b[k] for b in host]) for k in host[0]}, mesh,
-                                      stacked_folds=True)
-    stacked, scalars = compiled.train(stacked, batches, args)
+    if on_device is not None:
+      stacked, scalars = compiled.train_on_device(stacked, on_device.records, on_device.order, args)
+    else:
+      host = [next(f.train_iter) for f in folds]
+      batches = parallel.host_to_global({k: np.stack([b[k] for b in host]) for k in host[0]}, mesh,
+                                        stacked_folds=True)
+      stacked, scalars = compiled.train(stacked, batches, args)
     step += 1
     window.append((step, scalars))
     is_eval = evaluated and (step % eval_every == 0 or step == num_steps)
@@ -289,15 +315,16 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
                   options=options), graphdef=compiled.train_graphdef, mesh=mesh)
           state = state.replace(batch_stats=stats)
           stacked = put_stats(stacked, i, stats)
-        eval_metrics = evaluate(compiled.evaluate, state, fold.data.val_source, batch_size=eval_batch_size,
-                                image_size=config.image_size, mesh=mesh, options=options)
+        batches = fold.val_batches if config.data_on_device else fold.val_batches()
+        eval_metrics = evaluate(compiled.evaluate, state, batches)
         fold.history.append({**eval_metrics, "epoch": epoch_of(step, epoch_steps), "step": step})
         fold.writer.write(step, "eval", eval_metrics)
         report(f"fold {fold.index} | step {step} | epoch {fold.history[-1]['epoch']} | eval "
                + " ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items())
                + f" ({time.perf_counter() - started:.1f}s)")
       # The iterator state (batches read so far) is the same on every process; process 0's copy is saved.
-      extra = {"data_iterator": fold.train_iter.get_state(), "evals": fold.history, "fold": fold.index}
+      position = device_data.iterator_state(step) if on_device is not None else fold.train_iter.get_state()
+      extra = {"data_iterator": position, "evals": fold.history, "fold": fold.index}
       fold.checkpoints.save(step, state, extra, metrics=eval_metrics)
     if is_eval:
       progress.reset_clock(step)
@@ -368,6 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   batching = config.fold_batching or steps.default_fold_batching(mesh, len(groups[0]))
   compiled = _Compiled(train=steps.jit_train_step(mesh, batching=batching, graphdef=train_graphdef,
                                                   settings=settings),
+                       train_on_device=device_data.jit_train_step(mesh, batching=batching, graphdef=train_graphdef,
+                                                                  settings=settings),
                        evaluate=jit_eval_step(mesh, eval_graphdef, bool(config.flip_tta)),
                        train_graphdef=train_graphdef, schedule_length=schedule_length)
   for group in groups:
