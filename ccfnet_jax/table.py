@@ -18,7 +18,8 @@ def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_integer("image_size", 512, "Input side in px (the paper counts at 512).")
-  flags.DEFINE_enum("xla", "", complexity.XLA_MODES, "Add XLA's MAC count: of the lowered HLO or the compiled one.")
+  flags.DEFINE_enum("xla", "none", complexity.XLA_MODES, "Add XLA's MAC count: of the lowered HLO or the compiled "
+                    "one.")
   flags.DEFINE_list("rows", [], "Only the rows whose method or 'method backbone' is listed (default: all 11).")
   flags.DEFINE_string("platform", "cpu", "JAX platform for the analysis.")
 

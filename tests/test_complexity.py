@@ -187,3 +187,14 @@ def test_table_command_selects_rows_and_refuses_unknown_ones():
                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "| CCF-Net | R18 | 32 | 11,199,084 |" in done.stdout
+
+
+def test_xla_column_is_near_the_dense_count():
+  row = next(r for r in complexity.ROWS if (r.method, r.backbone) == ("CCF-Net", "R18"))
+  m = complexity.measure(row, image_size=128, xla="lowered")
+  # XLA skips the taps that fall on zero padding: a little below the dense conv count on 4x4..64x64 maps.
+  dense = complexity.dense_macs(complexity.build(row), 128) / 1e9
+  assert 0.7 * dense < m["xla_gmacs"] < 1.1 * dense
+  assert "GMACs XLA (lowered)" in complexity.table([row], image_size=128, xla="lowered")
+  with pytest.raises(ValueError, match="xla must be one of"):
+    complexity.measure(row, xla="fast")

@@ -286,7 +286,7 @@ NOTES = """\
 - CCF-Net R18: the paper prints its params and MACs swapped (9.51 M / 11.20 G)."""
 
 
-XLA_MODES = ("", "lowered", "compiled")
+XLA_MODES = ("none", "lowered", "compiled")
 """`measure`'s `xla`: no XLA count, the cost analysis of the lowered HLO (no compilation), or of the compiled one."""
 
 
@@ -296,7 +296,7 @@ def build(row: Row, paper_count: bool = False) -> nnx.Module:
   return nnx.eval_shape(lambda: create_model(**kwargs, rngs=nnx.Rngs(0)))
 
 
-def measure(row: Row, image_size: int = 512, xla: str = "") -> dict[str, float]:
+def measure(row: Row, image_size: int = 512, xla: str = "none") -> dict[str, float]:
   """{'stride', 'params', 'gmacs', 'paper_count_params', 'paper_count_gmacs'} of `row` (see `NOTES`) at
   `1 x image_size x image_size x 3`, plus 'xla_gmacs' when `xla` is 'lowered' or 'compiled'."""
   if xla not in XLA_MODES:
@@ -306,7 +306,7 @@ def measure(row: Row, image_size: int = 512, xla: str = "") -> dict[str, float]:
   out = {"stride": model.stride, "params": count_params(model), "gmacs": paper_macs(model, image_size) / 1e9,
          "paper_count_params": count_params(counted),
          "paper_count_gmacs": paper_macs(counted, image_size, reference_repeats=True) / 1e9}
-  if xla:
+  if xla != "none":
     out["xla_gmacs"] = macs(model, image_size, compiled=xla == "compiled") / 1e9
   return out
 
@@ -315,12 +315,12 @@ def _percent(ours: float, paper: float) -> str:
   return f"{100 * (ours - paper) / paper:+.2f} %"
 
 
-def table(rows: Sequence[Row] = ROWS, image_size: int = 512, xla: str = "") -> str:
+def table(rows: Sequence[Row] = ROWS, image_size: int = 512, xla: str = "none") -> str:
   """Markdown table of `rows` beside the paper's figures, then `NOTES`; `xla` adds XLA's count (see `measure`)."""
   head = (f"| method | backbone | stride | params | GMACs @{image_size} | paper-count params | "
           f"paper-count GMACs | paper params M | paper GMACs | diff params | diff GMACs |")
   rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  if xla:
+  if xla != "none":
     head += f" GMACs XLA ({xla}) |"
     rule += "---:|"
   lines = [head + " config | note |", rule + "---|---|"]
@@ -330,7 +330,7 @@ def table(rows: Sequence[Row] = ROWS, image_size: int = 512, xla: str = "") -> s
             f"{m['paper_count_params']:,} | {m['paper_count_gmacs']:.2f} | {row.paper_params_m:.2f} | "
             f"{row.paper_gmacs:.2f} | {_percent(m['paper_count_params'] / 1e6, row.paper_params_m)} | "
             f"{_percent(m['paper_count_gmacs'], row.paper_gmacs)} |")
-    if xla:
+    if xla != "none":
       line += f" {m['xla_gmacs']:.2f} |"
     lines.append(line + f" {row.config} | {row.note} |")
   if image_size != 512:
