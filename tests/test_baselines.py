@@ -14,10 +14,10 @@ from flax import nnx
 
 from ccfnet_jax import maps, train
 from ccfnet_jax.models import MODELS, create_model
+from ccfnet_jax.models.complexity import ROWS, count_params, paper_macs
 from ccfnet_jax.models.hrnet import HRNet
 from ccfnet_jax.models.scn import SCN
 from ccfnet_jax.models.simplebaseline import ConvTranspose, SimpleBaseline
-from ccfnet_jax.models.complexity import ROWS, count_params, paper_macs
 
 # --- Parameter counts derived by hand from the papers' architectures (not from our modules). ---
 
@@ -273,17 +273,3 @@ def test_train_step_at_stride_4_reduces_loss():
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0]
   assert int(state.step) == 3
-
-
-def test_simplebaseline_config_trains_with_the_training_loop(tmp_path):
-  # What run.py does after parsing flags, on a tiny phantom set at 64 px: one step, one evaluation, at stride 4.
-  config = importlib.import_module("configs.simplebaseline_r18").get_config("fold=0,steps=1")
-  config.unlock()
-  config.image_size = 64
-  config.batch_size = 8
-  config.phantom_studies = 12  # 9 train studies >= one batch of 8 (8 fake devices)
-  config.flip_tta = False
-  results = train.train_and_evaluate(config, tmp_path)
-  fold = results["folds"]["0"]
-  assert fold["last"]["step"] == 1
-  assert set(train.metrics.METRIC_NAMES) <= set(fold["last"])
