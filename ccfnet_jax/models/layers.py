@@ -1,4 +1,5 @@
-"""Building blocks with PyTorch's conventions (docs/method.md#model): symmetric padding, BN eps 1e-5 / momentum 0.1, N(0, 0.001).
+"""Building blocks with PyTorch's conventions (docs/method.md#model): symmetric padding, BN eps 1e-5 / momentum 0.1,
+N(0, 0.001) init.
 
 Everything here is NHWC. `conv` and `batch_norm` return plain `nnx.Conv` / `nnx.BatchNorm` modules configured like the
 reference's `nn.Conv2d` / `nn.BatchNorm2d`, so their variables are the ones `ccfnet_jax.convert` maps to PyTorch keys.
