@@ -1,4 +1,5 @@
-"""Table 1 baselines: SimpleBaseline (+MSC), HRNet-W32: parameter counts, shapes, transposed conv, configs, training."""
+"""Table 1 baselines: SimpleBaseline, SCN (each +MSC), HRNet-W32: parameter counts, shapes, transposed conv, configs,
+training."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 from flax import nnx
 
 from ccfnet_jax import maps, train
-from ccfnet_jax.complexity import count_params
 from ccfnet_jax.models import MODELS, create_model
+from ccfnet_jax.models.complexity import ROWS, count_params, paper_macs
 from ccfnet_jax.models.hrnet import HRNet
+from ccfnet_jax.models.scn import SCN
 from ccfnet_jax.models.simplebaseline import ConvTranspose, SimpleBaseline
-from ccfnet_jax.table import ROWS, reference_repeat_macs
 
 # --- Parameter counts derived by hand from the papers' architectures (not from our modules). ---
 
@@ -51,14 +52,26 @@ def _resnet(depth: int, stages: int) -> tuple[int, int]:
   return n, cin
 
 
-def _simplebaseline(depth: int, msc: bool, joints: int = 44) -> int:
+def _trunk(depth: int, msc: bool) -> tuple[int, int]:
+  """(params, output channels) of ResNet stem..layer4, or with MSC stem..layer3 + the MSC module at its width."""
   n, c = _resnet(depth, 3 if msc else 4)
   if msc:  # MSC at the backbone's width c: 3 dilated 3x3 + 1x1 (bias), pool 1x1 c->1, fusion bottleneck c+3 -> c
     n += 3 * _conv(3, c, c, True) + _conv(1, c, c, True) + _conv(1, c, 1, True) + _bottleneck(c + 3, c // 4)
+  return n, c
+
+
+def _simplebaseline(depth: int, msc: bool, joints: int = 44) -> int:
+  n, c = _trunk(depth, msc)
   for _ in range(2 if msc else 3):  # 4x4 deconvolutions to 256 channels, no bias, + BN
     n += 16 * c * 256 + _bn(256)
     c = 256
   return n + _conv(1, 256, joints, True)
+
+
+def _scn(depth: int, msc: bool, joints: int = 44) -> int:
+  """SimpleBaseline + a second trunk of the same kind + a 1x1 conv with bias to the same width."""
+  n, c = _trunk(depth, msc)
+  return _simplebaseline(depth, msc, joints) + n + _conv(1, c, joints, True)
 
 
 def _hrnet(width: int, joints: int = 44) -> int:
@@ -95,13 +108,26 @@ def test_hand_arithmetic_matches_published_totals():
   assert _hrnet(32, joints=17) / 1e6 == pytest.approx(28.5, abs=0.05)
 
 
+def test_22_channel_heads_give_every_printed_baseline_parameter_count():
+  # The paper's Table 1 (M, two decimals). With 44 channels SimpleBaseline R18-MSC and both SCN rows overshoot.
+  printed = {("simplebaseline", 18, False): 15.38, ("simplebaseline", 18, True): 6.86,
+             ("simplebaseline", 50, False): 34.00, ("simplebaseline", 50, True): 45.33,
+             ("scn", 18, False): 26.57, ("scn", 18, True): 11.62}
+  build = {"simplebaseline": _simplebaseline, "scn": _scn}
+  for (name, depth, msc), paper in printed.items():
+    assert round(build[name](depth, msc, joints=22) / 1e6, 2) == paper
+  assert round(_hrnet(32, joints=22) / 1e6, 2) == 28.54
+  assert [round(_simplebaseline(18, True) / 1e6, 2), round(_scn(18, False) / 1e6, 2),
+          round(_scn(18, True) / 1e6, 2)] == [6.87, 26.58, 11.63]
+
+
 PAPER_PARAMS_M = {"simplebaseline_r18": 15.38, "simplebaseline_r18_msc": 6.86, "simplebaseline_r50": 34.00,
-                  "simplebaseline_r50_msc": 45.33, "hrnet_w32": 28.54}
-"""config -> the paper's parameter count (M) of its Table 1 row (SPEC §7)."""
+                  "simplebaseline_r50_msc": 45.33, "scn_r18": 26.57, "scn_r18_msc": 11.62, "hrnet_w32": 28.54}
+"""config -> the paper's parameter count (M) of its Table 1 row."""
 
 CONFIGS = {"simplebaseline_r18": ("simplebaseline", 18, False), "simplebaseline_r18_msc": ("simplebaseline", 18, True),
            "simplebaseline_r50": ("simplebaseline", 50, False), "simplebaseline_r50_msc": ("simplebaseline", 50, True),
-           "hrnet_w32": ("hrnet", 32, False)}
+           "scn_r18": ("scn", 18, False), "scn_r18_msc": ("scn", 18, True), "hrnet_w32": ("hrnet", 32, False)}
 """config -> the (name, depth, msc) it must select."""
 
 
@@ -122,10 +148,10 @@ def config_models() -> dict[str, nnx.Module]:
 def test_param_counts_match_hand_count_and_paper(config_models, config_name):
   model = config_models[config_name]
   name, depth, msc = CONFIGS[config_name]
-  assert isinstance(model, HRNet if name == "hrnet" else SimpleBaseline)
-  expected = _hrnet(depth) if name == "hrnet" else _simplebaseline(depth, msc)
+  assert isinstance(model, {"hrnet": HRNet, "simplebaseline": SimpleBaseline, "scn": SCN}[name])
+  expected = {"hrnet": lambda d, m: _hrnet(d), "simplebaseline": _simplebaseline, "scn": _scn}[name](depth, msc)
   assert count_params(model) == expected
-  assert count_params(model) / 1e6 == pytest.approx(PAPER_PARAMS_M[config_name], rel=0.02)
+  assert count_params(model) / 1e6 == pytest.approx(PAPER_PARAMS_M[config_name], rel=0.01)
   assert model.stride == 4
 
 
@@ -140,8 +166,9 @@ def test_output_maps_at_stride_4(config_models, config_name):
 
 
 def test_input_checks(config_models):
-  for config_name, (multiple, bad_hw) in {"simplebaseline_r18_msc": (128, (96, 128)),
-                                          "simplebaseline_r18": (32, (48, 64)), "hrnet_w32": (32, (48, 64))}.items():
+  for config_name, (multiple, bad_hw) in {"simplebaseline_r18_msc": (128, (96, 128)), "scn_r18_msc": (128, (96, 128)),
+                                          "simplebaseline_r18": (32, (48, 64)), "scn_r18": (32, (48, 64)),
+                                          "hrnet_w32": (32, (48, 64))}.items():
     model = config_models[config_name]
     model.eval()
     with pytest.raises(ValueError, match=f"multiples of {multiple}"):
@@ -149,7 +176,7 @@ def test_input_checks(config_models):
 
 
 def test_registry():
-  assert {"simplebaseline", "hrnet"} <= set(MODELS)
+  assert {"simplebaseline", "scn", "hrnet"} <= set(MODELS)
   with pytest.raises(ValueError, match="no MSC variant"):
     create_model("hrnet", depth=32, msc=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="width"):
@@ -157,20 +184,29 @@ def test_registry():
 
 
 def test_table_rows_match_paper_figures():
-  # The table's paper column is SPEC §7 (for CCF-Net R18 with params and MACs un-swapped).
+  # The paper's Table 1 figures (CCF-Net R18 with params and MACs un-swapped), in the paper's order.
   paper = {(r.method, r.backbone): (r.paper_params_m, r.paper_gmacs) for r in ROWS}
+  assert list(paper) == [("SimpleBaseline", "R18"), ("SimpleBaseline", "R18-MSC"), ("SCN", "R18"), ("SCN", "R18-MSC"),
+                         ("CCF-Net", "R18"), ("CCF-Net", "R18-MSC"), ("SimpleBaseline", "R50"),
+                         ("SimpleBaseline", "R50-MSC"), ("HRNet", "W32"), ("CCF-Net", "R50"), ("CCF-Net", "R50-MSC")]
   assert paper[("SimpleBaseline", "R50-MSC")] == (45.33, 124.80)
+  assert paper[("SCN", "R18-MSC")] == (11.62, 45.43)
   assert paper[("HRNet", "W32")] == (28.54, 40.98)
   assert paper[("CCF-Net", "R18")] == (11.20, 9.51)
-  assert [r.model is None for r in ROWS].count(True) == 2  # SCN R18 / R18-MSC
+  for row in ROWS:  # every row is built by the config it names
+    config = importlib.import_module(row.config[:-len(".py")].replace("/", ".")).get_config()
+    assert {k: config.model[k] for k in ("name", "depth", "msc")} == row.model
 
 
-def test_reference_repeat_macs_matches_spec():
-  # SPEC §2: CCF-Net R18-MSC at 512 px is 11.98 G with the reference's repeats, 10.16 G with each conv once.
+def test_reference_repeats_add_three_dilated_convs_per_msc_module():
+  # The reference computes d1(x) twice more and d3(d1(x)) once more: 3 extra 3x3 256 -> 256 convs with bias on the
+  # 32 x 32 map at 512 px (1.81 G; the reference's CCF-Net R18-MSC: 11.98 G with them, 10.16 G without).
+  extra = 3 * 32 * 32 * 256 * (9 * 256 + 1)
   model = nnx.eval_shape(lambda: create_model("ccfnet", depth=18, msc=True, rngs=nnx.Rngs(0)))
-  assert reference_repeat_macs(model, 512) / 1e9 == pytest.approx(11.98 - 10.16, abs=0.01)
+  assert paper_macs(model, 512, reference_repeats=True) - paper_macs(model, 512) == extra
+  assert extra / 1e9 == pytest.approx(11.98 - 10.16, abs=0.01)
   plain = nnx.eval_shape(lambda: create_model("simplebaseline", depth=18, msc=False, rngs=nnx.Rngs(0)))
-  assert reference_repeat_macs(plain, 512) == 0
+  assert paper_macs(plain, 128, reference_repeats=True) == paper_macs(plain, 128)
 
 
 # --- Transposed convolution geometry. ---
@@ -237,17 +273,3 @@ def test_train_step_at_stride_4_reduces_loss():
   assert all(np.isfinite(losses))
   assert losses[-1] < losses[0]
   assert int(state.step) == 3
-
-
-def test_simplebaseline_config_trains_with_the_training_loop(tmp_path):
-  # What run.py does after parsing flags, on a tiny phantom set at 64 px: one step, one evaluation, at stride 4.
-  config = importlib.import_module("configs.simplebaseline_r18").get_config("fold=0,steps=1")
-  config.unlock()
-  config.image_size = 64
-  config.batch_size = 8
-  config.phantom_studies = 12  # 9 train studies >= one batch of 8 (8 fake devices)
-  config.flip_tta = False
-  results = train.train_and_evaluate(config, tmp_path)
-  fold = results["folds"]["0"]
-  assert fold["last"]["step"] == 1
-  assert set(train.metrics.METRIC_NAMES) <= set(fold["last"])

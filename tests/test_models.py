@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ccfnet_jax import convert, maps
-from ccfnet_jax.complexity import count_params, dense_macs
+from ccfnet_jax.models.complexity import count_params, dense_macs
 from ccfnet_jax.models import CCFNet, ResNet, create_model, layers
 
 # --- Parameter counts, derived by hand from the architecture (not from our modules). ---
@@ -63,18 +63,18 @@ def _abstract(depth: int, msc: bool) -> CCFNet:
 
 @pytest.mark.parametrize("depth", [18, 34, 50])
 def test_param_counts(depth):
-  # MSC head: whatever the R18-MSC total (SPEC: 4,833,581) leaves after backbone + projection 256 -> 256.
+  # MSC head: whatever the R18-MSC total (the reference's: 4,833,581) leaves after backbone + projection 256 -> 256.
   r18_backbone, c3 = _resnet(18, 3)
   head = 4_833_581 - r18_backbone - _conv(1, c3, 256, bias=True)
   backbone, c3 = _resnet(depth, 3)
   expected_msc = backbone + _conv(1, c3, 256, bias=True) + head
   if depth == 50:
-    assert expected_msc == 10_790_701  # SPEC §2
+    assert expected_msc == 10_790_701  # the reference's R50-MSC
   full, c4 = _resnet(depth, 4)
   expected_plain = full + _conv(1, c4, 44, bias=True)
   assert count_params(_abstract(depth, True)) == expected_msc
   assert count_params(_abstract(depth, False)) == expected_plain
-  if depth in (18, 50):  # SPEC: 11.20 M / 23.60 M
+  if depth in (18, 50):  # the paper's plain rows: 11.20 M / 23.60 M
     assert round(expected_plain / 1e6, 2) == {18: 11.20, 50: 23.60}[depth]
 
 
@@ -292,5 +292,5 @@ def test_resnet_full_trunk_stride_and_features():
 
 @pytest.mark.parametrize("depth,expected_gmacs", [(18, 10.16), (50, 20.16)])
 def test_dense_macs_match_spec(depth, expected_gmacs):
-  # SPEC §2: MACs at 1x512x512x3 with each multi-dilation conv computed once.
+  # The reference's MACs at 1x512x512x3 (convs only) with each multi-dilation conv computed once.
   assert round(dense_macs(_abstract(depth, True), 512) / 1e9, 2) == expected_gmacs

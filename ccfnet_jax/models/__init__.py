@@ -13,11 +13,13 @@ from flax import nnx
 from ccfnet_jax.models.ccfnet import CCFNet
 from ccfnet_jax.models.hrnet import HRNet, create_hrnet
 from ccfnet_jax.models.resnet import ResNet
+from ccfnet_jax.models.scn import SCN
 from ccfnet_jax.models.simplebaseline import SimpleBaseline
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "ccfnet": CCFNet,
     "simplebaseline": SimpleBaseline,  # depth 18 / 34 / 50, msc True / False; stride 4
+    "scn": SCN,  # depth 18 / 34 / 50, msc True / False; stride 4
     "hrnet": create_hrnet,  # depth = the width W (32 for HRNet-W32), msc False; stride 4
 }
 """name -> constructor `(depth=..., msc=..., *, rngs, dtype, ...)`; baselines register here."""
@@ -31,4 +33,4 @@ def create_model(name: str = "ccfnet", *, depth: int = 18, msc: bool = True, rng
   return MODELS[name](depth=depth, msc=msc, rngs=rngs, dtype=dtype, **kwargs)
 
 
-__all__ = ["CCFNet", "HRNet", "MODELS", "ResNet", "SimpleBaseline", "create_model"]
+__all__ = ["CCFNet", "HRNet", "MODELS", "ResNet", "SCN", "SimpleBaseline", "create_model"]

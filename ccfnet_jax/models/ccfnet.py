@@ -1,4 +1,4 @@
-"""CCF-Net (SPEC §2): ResNet backbone + (projection + MSC head | plain 1x1 output) -> four `Maps`.
+"""CCF-Net (docs/method.md#model): ResNet backbone + (projection + MSC head | plain 1x1 output) -> four `Maps`.
 
 With MSC (the paper's model): ResNet stem + layer1..3 (stride 16), 1x1 projection C3 -> 256 (bias, no BN/ReLU),
 MSC head -> 44 channels. Plain variant: the full ResNet (layer4, stride 32) + 1x1 conv with bias -> 44 channels.
@@ -12,7 +12,7 @@ from flax import nnx
 from ccfnet_jax import maps as maps_lib
 from ccfnet_jax.models import layers
 from ccfnet_jax.models.layers import Dtype
-from ccfnet_jax.models.msc import POOL_SIZES, MSCHead
+from ccfnet_jax.models.msc import POOL_SIZES, MSCModule
 from ccfnet_jax.models.resnet import ResNet
 
 MSC_FEATURES = 256
@@ -26,7 +26,7 @@ class CCFNet(nnx.Module):
   `dtype=jnp.bfloat16` computes in bf16 with float32 parameters; the maps are returned in float32 either way.
   `model.train()` / `model.eval()` switch BatchNorm between batch and running statistics.
 
-  Submodules: `backbone` (ResNet), and with MSC `projection` + `head` (MSCHead), else `out`.
+  Submodules: `backbone` (ResNet), and with MSC `projection` + `head` (MSCModule with its output conv), else `out`.
   """
 
   def __init__(self, depth: int = 18, msc: bool = True, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
@@ -37,7 +37,7 @@ class CCFNet(nnx.Module):
     self.stride = self.backbone.stride
     if msc:
       self.projection = layers.conv(self.backbone.out_features, MSC_FEATURES, 1, use_bias=True, rngs=rngs, dtype=dtype)
-      self.head = MSCHead(MSC_FEATURES, maps_lib.NUM_CHANNELS, rngs=rngs, dtype=dtype)
+      self.head = MSCModule(MSC_FEATURES, maps_lib.NUM_CHANNELS, rngs=rngs, dtype=dtype)
     else:
       self.out = layers.conv(self.backbone.out_features, maps_lib.NUM_CHANNELS, 1, use_bias=True, rngs=rngs,
                              dtype=dtype)

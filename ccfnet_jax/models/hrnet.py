@@ -9,8 +9,9 @@ Layout of the pose HRNet-W`width` (W32: branches 32 / 64 / 128 / 256):
     multi-resolution fusion: output i sums every branch j brought to i's resolution and width (j > i: 1x1 conv + BN,
     nearest-neighbour upsampling by 2^(j-i); j < i: (i - j) 3x3 stride-2 convs + BN, ReLU between them; j = i:
     identity), then ReLU. The last module of stage 4 fuses into branch 0 only (its only output);
-  - head: 1x1 conv with bias, `width` -> 44 channels, on the stride-4 branch.
-Parameters with 44 output channels: 28,537,004 (paper Table 1: 28.54 M; the 17-joint pose model: 28.5 M).
+  - head: 1x1 conv with bias, `width` -> 44 channels (or 22: `models/heads.py`), on the stride-4 branch.
+Parameters with 44 output channels: 28,537,004, with 22: 28,536,278 (paper Table 1: 28.54 M; the 17-joint pose
+model: 28.5 M); the paper's 40.98 GMACs are those of the 22-channel head (44: 40.99).
 All convs use PyTorch's symmetric padding and N(0, 0.001) init (`layers.conv`), BN as `layers.batch_norm`.
 """
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ccfnet_jax import maps as maps_lib
-from ccfnet_jax.models import layers
+from ccfnet_jax.models import heads, layers
 from ccfnet_jax.models.layers import Dtype
 from ccfnet_jax.models.resnet import BasicBlock, Bottleneck
 
@@ -169,13 +170,15 @@ class HRNet(nnx.Module):
 
   `stride` is 4; input sides must be multiples of 32 (`input_multiple`: the lowest branch runs at stride 32).
   Submodules: `stem` (two ConvBN), `layer1` (Bottlenecks), `transitions` / `stages` (lists, stages 2..4, each a list
-  of HighResolutionModule), `out` (1x1 conv with bias -> 44).
+  of HighResolutionModule), `out` (1x1 conv with bias -> `out_channels`, 44 or 22).
   """
 
-  def __init__(self, width: int = 32, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+  def __init__(self, width: int = 32, *, out_channels: int = maps_lib.NUM_CHANNELS, rngs: nnx.Rngs,
+               dtype: Dtype = jnp.float32):
     if width not in WIDTHS:
       raise ValueError(f"HRNet width must be one of {WIDTHS}, got {width}")
     self.width = width
+    self.out_channels = heads.check_out_channels(out_channels, "HRNet")
     self.dtype = dtype
     self.stem = nnx.List([ConvBN(3, STEM_FEATURES, 3, stride=2, relu=True, rngs=rngs, dtype=dtype),
                           ConvBN(STEM_FEATURES, STEM_FEATURES, 3, stride=2, relu=True, rngs=rngs, dtype=dtype)])
@@ -198,7 +201,7 @@ class HRNet(nnx.Module):
           for m in range(spec.num_modules)]))
     self.transitions = nnx.List(transitions)
     self.stages = nnx.List(stages)
-    self.out = layers.conv(width, maps_lib.NUM_CHANNELS, 1, use_bias=True, rngs=rngs, dtype=dtype)
+    self.out = layers.conv(width, out_channels, 1, use_bias=True, rngs=rngs, dtype=dtype)
     self.stride = 4
     self.input_multiple = self.stride * 2 ** (STAGES[-1].num_branches - 1)
 
@@ -219,10 +222,11 @@ class HRNet(nnx.Module):
       xs = transition(xs)
       for module in modules:
         xs = module(xs)
-    return maps_lib.from_channels(self.out(xs[0]).astype(jnp.float32))
+    return heads.to_maps(self.out(xs[0]).astype(jnp.float32))
 
 
-def create_hrnet(depth: int = 32, msc: bool = False, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> HRNet:
+def create_hrnet(depth: int = 32, msc: bool = False, *, out_channels: int = maps_lib.NUM_CHANNELS, rngs: nnx.Rngs,
+                 dtype: Dtype = jnp.float32) -> HRNet:
   """The registry's constructor (`create_model("hrnet", depth=32, msc=False)`): HRNet-W`depth`.
 
   The registry passes every model a backbone `depth`; Table 1 names HRNet's backbone by its width ("W32"), so for
@@ -233,4 +237,4 @@ def create_hrnet(depth: int = 32, msc: bool = False, *, rngs: nnx.Rngs, dtype: D
   if depth not in WIDTHS:
     raise ValueError(f"for HRNet, depth is the width W: one of {WIDTHS} (config.model.depth = 32 for W32), "
                      f"got {depth}")
-  return HRNet(depth, rngs=rngs, dtype=dtype)
+  return HRNet(depth, out_channels=out_channels, rngs=rngs, dtype=dtype)

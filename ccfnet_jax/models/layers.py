@@ -1,4 +1,5 @@
-"""Building blocks with PyTorch's conventions (SPEC §2): symmetric padding, BN eps 1e-5 / momentum 0.1, N(0, 0.001).
+"""Building blocks with PyTorch's conventions (docs/method.md#model): symmetric padding, BN eps 1e-5 / momentum 0.1,
+N(0, 0.001) init.
 
 Everything here is NHWC. `conv` and `batch_norm` return plain `nnx.Conv` / `nnx.BatchNorm` modules configured like the
 reference's `nn.Conv2d` / `nn.BatchNorm2d`, so their variables are the ones `ccfnet_jax.convert` maps to PyTorch keys.
@@ -28,7 +29,7 @@ BN_MOMENTUM = 0.9
 def symmetric_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
   """PyTorch-style padding `((p, p), (p, p))` with `p = dilation * (kernel_size - 1) // 2` (3x3 -> 1, 7x7 -> 3).
 
-  Never `'SAME'`: XLA pads stride-2 convs asymmetrically, which shifts the sampling grid (SPEC §2).
+  Never `'SAME'`: XLA pads stride-2 convs asymmetrically, which shifts the sampling grid (docs/method.md#model).
   """
   if kernel_size % 2 != 1:
     raise ValueError(f"symmetric padding needs an odd kernel size, got {kernel_size}")
@@ -232,7 +233,7 @@ def upsample_align_corners(x: jnp.ndarray, factor: int) -> jnp.ndarray:
 
   PyTorch's `F.interpolate(scale_factor=f, mode='bilinear', align_corners=True)`: output pixel i samples input
   position `i * (n_in - 1) / (n_out - 1)` (corners map onto corners), separably in y then x. Not
-  `jax.image.resize(..., 'bilinear')`, which uses the half-pixel convention (SPEC §2).
+  `jax.image.resize(..., 'bilinear')`, which uses the half-pixel convention (docs/method.md#model).
   """
   if x.ndim != 4:
     raise ValueError(f"upsample_align_corners expects [B, h, w, C], got shape {x.shape}")

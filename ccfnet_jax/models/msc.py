@@ -1,4 +1,4 @@
-"""CCF-Net's multi-scale context (MSC) head (SPEC §2): multi-dilation, multi-stride pooling, fusion, output conv.
+"""CCF-Net's multi-scale context (MSC) module: multi-dilation, multi-stride pooling, fusion, output conv.
 
 Reference key names (see `ccfnet_jax.convert`): `multi_dilation` = `stage1_headnet.feat.0`, `multi_stride` =
 `feat.1`, `fusion` = `feat.2`, `out` = `stage1_headnet.out`.
@@ -58,18 +58,25 @@ class MultiStridePooling(nnx.Module):
     return jnp.concatenate([*pooled, x], axis=-1)
 
 
-class MSCHead(nnx.Module):
-  """MSC head `[B, h, w, C] -> [B, h, w, out_features]`: multi-dilation, multi-stride pooling, fusion, 1x1 output.
+class MSCModule(nnx.Module):
+  """The MSC module at width C: multi-dilation, multi-stride pooling, fusion, and optionally a 1x1 output conv.
 
-  Fusion: a Bottleneck (C + 3) -> 64 -> 256 with a projection shortcut; output: 1x1 conv 256 -> out_features with
-  bias and no activation.
+  `[B, h, w, C] -> [B, h, w, C]` (or `[B, h, w, out_features]` with an output conv), h and w multiples of 8.
+  Fusion: a Bottleneck (C + 3) -> C / 4 -> C with a projection shortcut (C = 256: CCF-Net's 259 -> 64 -> 256).
+  Output (`out_features` given): 1x1 conv C -> out_features with bias and no activation (CCF-Net's head). Without
+  it, the module replaces a backbone stage (the baselines' "-MSC" variants).
   """
 
-  def __init__(self, features: int = 256, out_features: int = 44, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+  def __init__(self, features: int = 256, out_features: int | None = None, *, rngs: nnx.Rngs,
+               dtype: Dtype = jnp.float32):
+    if features % Bottleneck.expansion:
+      raise ValueError(f"MSC width must be a multiple of {Bottleneck.expansion}, got {features}")
     self.multi_dilation = MultiDilation(features, rngs=rngs, dtype=dtype)
     self.multi_stride = MultiStridePooling(features, rngs=rngs, dtype=dtype)
-    self.fusion = Bottleneck(features + len(POOL_SIZES), 64, rngs=rngs, dtype=dtype)
-    self.out = layers.conv(64 * Bottleneck.expansion, out_features, 1, use_bias=True, rngs=rngs, dtype=dtype)
+    self.fusion = Bottleneck(features + len(POOL_SIZES), features // Bottleneck.expansion, rngs=rngs, dtype=dtype)
+    self.out = (layers.conv(features, out_features, 1, use_bias=True, rngs=rngs, dtype=dtype)
+                if out_features is not None else None)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    return self.out(self.fusion(self.multi_stride(self.multi_dilation(x))))
+    y = self.fusion(self.multi_stride(self.multi_dilation(x)))
+    return y if self.out is None else self.out(y)

@@ -1,4 +1,4 @@
-"""ResNet v1.5 backbone (torchvision layout) in Flax NNX, NHWC, with PyTorch padding (SPEC §2).
+"""ResNet v1.5 backbone (torchvision layout) in Flax NNX, NHWC, with PyTorch padding (docs/method.md#model).
 
 Submodule names mirror torchvision's (`conv1`, `bn1`, `layer1`..`layer4` lists of blocks; blocks with `conv1`, `bn1`,
 ..., `downsample` = [conv, bn]) so that `ccfnet_jax.convert` maps them to PyTorch keys with a short table.

@@ -1,8 +1,9 @@
 """SimpleBaseline (Xiao, Wu, Wei, ECCV 2018) with CCF-Net's four output maps, and its -MSC variant (paper Table 1).
 
 Plain (`msc=False`): the full ResNet (stem + layer1..4, stride 32) + three deconvolution layers (4x4 transposed
-conv, stride 2, 256 channels, no bias, BN, ReLU; each doubles the map side) + a 1x1 conv with bias to 44 channels:
-stride-4 Maps. Parameters: R18 15,383,660 and R50 34,006,636 (paper: 15.38 M / 34.00 M).
+conv, stride 2, 256 channels, no bias, BN, ReLU; each doubles the map side) + a 1x1 conv with bias to 44 channels
+(or 22, `models/heads.py`): stride-4 Maps. Parameters: R18 15,383,660 and R50 34,006,636 (22 channels: 15,378,006
+and 34,000,982; paper: 15.38 M / 34.00 M).
 
 `-MSC` (`msc=True`): "replace the backbone's last stage with the MSC module". The interpretation whose parameter
 count matches the paper (6.86 M R18-MSC, 45.33 M R50-MSC) and its MACs (33.50 G / 124.80 G, the reference's MSC
@@ -12,7 +13,8 @@ recomputing its repeated convs) is:
     multi-stride pooling (-> C3 + 3 channels), fusion Bottleneck (C3 + 3) -> C3 / 4 -> C3 with projection shortcut
     (for R18 exactly CCF-Net's 259 -> 64 -> 256 fusion);
   - two deconvolution layers (C3 -> 256 -> 256; stride 16 -> 4, so the output stride stays 4) + the 1x1 output conv.
-This gives R18-MSC 6,865,965 (paper 6.86 M, +0.09 %) and R50-MSC 45,335,405 (paper 45.33 M, +0.01 %). The
+This gives R18-MSC 6,865,965 and R50-MSC 45,335,405; with 22 output channels 6,860,311 and 45,329,751 (paper
+6.86 M / 45.33 M), and the paper's MACs to every printed digit (`models/complexity.py`). The
 alternatives are far off: CCF-Net's 1x1 projection to 256 channels before the MSC gives 12.89 M for R50 (and
 6.93 M for R18); keeping three deconvolutions after the stride-16 MSC (stride-2 output) gives 7.98 M for R18.
 """
@@ -24,10 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ccfnet_jax import maps as maps_lib
-from ccfnet_jax.models import layers
+from ccfnet_jax.models import heads, layers
 from ccfnet_jax.models.layers import Dtype
-from ccfnet_jax.models.msc import POOL_SIZES, MultiDilation, MultiStridePooling
-from ccfnet_jax.models.resnet import Bottleneck, ResNet
+from ccfnet_jax.models.msc import POOL_SIZES, MSCModule
+from ccfnet_jax.models.resnet import ResNet
 
 DECONV_FEATURES = 256
 """Channels of every deconvolution layer (Xiao et al.)."""
@@ -90,36 +92,21 @@ class Deconv(nnx.Module):
     return jax.nn.relu(self.bn(self.conv(x)))
 
 
-class MSCModule(nnx.Module):
-  """CCF-Net's MSC module at width C (multi-dilation, multi-stride pooling, fusion), without an output conv.
-
-  `[B, h, w, C] -> [B, h, w, C]`, h and w multiples of 8. Fusion: Bottleneck (C + 3) -> C / 4 -> C with a projection
-  shortcut (C = 256 gives CCF-Net's 259 -> 64 -> 256).
-  """
-
-  def __init__(self, features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
-    if features % Bottleneck.expansion:
-      raise ValueError(f"MSC width must be a multiple of {Bottleneck.expansion}, got {features}")
-    self.multi_dilation = MultiDilation(features, rngs=rngs, dtype=dtype)
-    self.multi_stride = MultiStridePooling(features, rngs=rngs, dtype=dtype)
-    self.fusion = Bottleneck(features + len(POOL_SIZES), features // Bottleneck.expansion, rngs=rngs, dtype=dtype)
-
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    return self.fusion(self.multi_stride(self.multi_dilation(x)))
-
-
 class SimpleBaseline(nnx.Module):
   """SimpleBaseline on ResNet-`depth`. `__call__(x [B, H, W, 3] in [0, 1]) -> Maps`, each `[B, H/4, W/4, 11]` float32.
 
   `stride` is 4 in both variants. Input sides must be multiples of `input_multiple` (32 plain, 128 with MSC).
-  Submodules: `backbone` (ResNet, 4 stages plain, 3 with MSC), `msc` (MSCModule, MSC only), `deconv` (list of
-  Deconv: 3 plain, 2 with MSC), `out` (1x1 conv with bias -> 44).
+  `out_channels` 44 (default: the four maps) or 22 (heatmaps and disease logits, zero offsets; the width the paper's
+  counts imply, see `models/heads.py`). Submodules: `backbone` (ResNet, 4 stages plain, 3 with MSC), `msc`
+  (MSCModule, MSC only), `deconv` (list of Deconv: 3 plain, 2 with MSC), `out` (1x1 conv with bias).
   """
 
-  def __init__(self, depth: int = 18, msc: bool = False, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+  def __init__(self, depth: int = 18, msc: bool = False, *, out_channels: int = maps_lib.NUM_CHANNELS,
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
     self.depth = depth
     self.use_msc = msc
     self.dtype = dtype
+    self.out_channels = heads.check_out_channels(out_channels, "SimpleBaseline")
     self.backbone = ResNet(depth, num_stages=3 if msc else 4, rngs=rngs, dtype=dtype)
     features = self.backbone.out_features
     self.msc = MSCModule(features, rngs=rngs, dtype=dtype) if msc else None
@@ -129,7 +116,7 @@ class SimpleBaseline(nnx.Module):
       deconv.append(Deconv(features, DECONV_FEATURES, rngs=rngs, dtype=dtype))
       features = DECONV_FEATURES
     self.deconv = nnx.List(deconv)
-    self.out = layers.conv(DECONV_FEATURES, maps_lib.NUM_CHANNELS, 1, use_bias=True, rngs=rngs, dtype=dtype)
+    self.out = layers.conv(DECONV_FEATURES, out_channels, 1, use_bias=True, rngs=rngs, dtype=dtype)
     self.stride = self.backbone.stride // 2 ** num_deconv
 
   @property
@@ -137,18 +124,27 @@ class SimpleBaseline(nnx.Module):
     """Input sides must be multiples of this: the backbone stride, times 8 with MSC (its pooling needs /8 maps)."""
     return self.backbone.stride * (max(POOL_SIZES) if self.use_msc else 1)
 
-  def __call__(self, x: jnp.ndarray) -> maps_lib.Maps:
-    """`x [B, H, W, 3]` in [0, 1] -> Maps (heatmap, offset_y, offset_x, logits), each `[B, H/4, W/4, 11]` float32."""
-    _check_input(x, self.input_multiple, f"SimpleBaseline R{self.depth}{'-MSC' if self.use_msc else ''}")
-    features = self.backbone(x.astype(self.dtype))
+  @property
+  def label(self) -> str:
+    return f"R{self.depth}{'-MSC' if self.use_msc else ''}"
+
+  def channels(self, x: jnp.ndarray) -> jnp.ndarray:
+    """`x [B, H, W, 3]` (already in `dtype`) -> the output conv's `[B, H/4, W/4, out_channels]` in `dtype`."""
+    features = self.backbone(x)
     if self.msc is not None:
       features = self.msc(features)
     for layer in self.deconv:
       features = layer(features)
-    return maps_lib.from_channels(self.out(features).astype(jnp.float32))
+    return self.out(features)
+
+  def __call__(self, x: jnp.ndarray) -> maps_lib.Maps:
+    """`x [B, H, W, 3]` in [0, 1] -> Maps (heatmap, offset_y, offset_x, logits), each `[B, H/4, W/4, 11]` float32."""
+    check_input(x, self.input_multiple, f"SimpleBaseline {self.label}")
+    return heads.to_maps(self.channels(x.astype(self.dtype)).astype(jnp.float32))
 
 
-def _check_input(x: jnp.ndarray, multiple: int, what: str) -> None:
+def check_input(x: jnp.ndarray, multiple: int, what: str) -> None:
+  """Raises ValueError naming `what` unless `x` is `[B, H, W, 3]` with H and W positive multiples of `multiple`."""
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(f"{what} expects NHWC input [B, H, W, 3], got shape {x.shape}")
   h, w = x.shape[1:3]

@@ -26,7 +26,8 @@ from absl import logging
 
 from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import complexity, forward, logging_utils, metrics, parallel, rundir
+from ccfnet_jax import forward, logging_utils, metrics, parallel, rundir
+from ccfnet_jax.models import complexity
 from ccfnet_jax.data import pipeline
 from ccfnet_jax.train import device_data, recalibrate, results, setup, steps
 

@@ -18,7 +18,7 @@ from flax import nnx
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import convert, losses, rundir, schedules
 from ccfnet_jax.data import records, subsets
-from ccfnet_jax.models import layers
+from ccfnet_jax.models import layers, resnet
 from ccfnet_jax.train import steps
 
 
@@ -109,7 +109,11 @@ def create_model(config: ml_collections.ConfigDict, key: jax.Array) -> nnx.Modul
   """The model of `config.model` at its initialisation, bf16 compute when `config.mixed_precision`."""
   model = config_lib.build_model(config, key)
   if config.model.get("backbone_init", "kaiming") == "kaiming":
-    layers.reinitialize_convs(getattr(model, "backbone", model), jax.random.fold_in(key, 1))
+    # Every ResNet of the model (SCN has two); a model without one (HRNet) is redrawn whole.
+    backbones = [m for _, m in nnx.iter_graph(model) if isinstance(m, resnet.ResNet)] or [model]
+    for i, backbone in enumerate(backbones):
+      layers.reinitialize_convs(backbone, jax.random.fold_in(key, 1) if i == 0 else
+                                jax.random.fold_in(jax.random.fold_in(key, 1), i))
   return model
 
 

@@ -1,0 +1,58 @@
+"""Every Table 1 row's config trains two steps and evaluates through `run.py`, on a tiny phantom set at 128 px.
+
+One `run.py` process per row (what a user runs, flags included), all reading one phantom dataset built once and
+sharing the test suite's persistent compilation cache. Nearly all of the cost is each model's initialisation and the
+compilation of its train and eval steps, so a row costs about the same at any image size or step count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ccfnet_jax.models import complexity
+from test_train import REPO, subprocess_env
+
+PHANTOM_STUDIES = 8  # 6 train / 2 val studies in fold 0: one batch of 2 per step
+
+ALL_ROWS = os.environ.get("CCFNET_TEST_ALL_ROWS", "") == "1"
+"""HRNet-W32 runs only with CCFNET_TEST_ALL_ROWS=1: tracing and compiling its train step costs more than half of
+what the ten other rows cost together (its construction, shapes and parameter count: tests/test_baselines.py)."""
+
+
+def _marks(row: complexity.Row) -> list:
+  if row.method == "HRNet":
+    return [pytest.mark.skipif(not ALL_ROWS, reason="HRNet-W32 trains through run.py with CCFNET_TEST_ALL_ROWS=1")]
+  return []
+
+
+@pytest.fixture(scope="module")
+def row_data_dir(tmp_path_factory) -> str:
+  """A phantom `lumbar_spine` dataset built once for every row (the run.py processes only read it)."""
+  import tfds_spine  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds_rows"))
+  tfds_spine.prepare("phantom", path, num_studies=PHANTOM_STUDIES, seed=0)
+  return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", [pytest.param(r, id=f"{r.method}-{r.backbone}", marks=_marks(r))
+                                 for r in complexity.ROWS])
+def test_row_config_trains_through_run_py(row, row_data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  args = [sys.executable, str(REPO / "run.py"), f"--config={REPO / row.config}", "--config.num_steps=2",
+          "--config.image_size=128", "--config.batch_size=2", f"--config.phantom_studies={PHANTOM_STUDIES}",
+          f"--config.data_dir={row_data_dir}", "--config.flip_tta=False", "--config.num_data_threads=1",
+          f"--workdir={workdir}"]
+  done = subprocess.run(args, cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert {k: config["model"][k] for k in ("name", "depth", "msc")} == row.model
+  last = json.loads((workdir / "results.json").read_text())["folds"]["0"]["last"]
+  assert last["step"] == 2
+  assert 0 <= last["score"] <= 100
