@@ -66,7 +66,7 @@ def test_run_refuses_a_bad_config_value_naming_it(tmp_path):
   assert "config.schedule = 'linear'" in line
 
 
-@pytest.mark.parametrize("old,new", [("--out", "--output"), ("--source", "--dataset"), ("--n", "--phantom_studies")])
+@pytest.mark.parametrize("old,new", [("--out", "--output"), ("--source", "--dataset"), ("--n", "--num_pictures")])
 def test_render_names_the_new_spelling_of_a_renamed_flag(tmp_path, old, new):
   done = _command("-m", "ccfnet_jax.render", f"{old}=x", f"--output={tmp_path}/r.png")
   assert done.returncode != 0 and new in (done.stderr + done.stdout)
