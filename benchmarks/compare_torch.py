@@ -14,10 +14,15 @@ each, whose losses are printed side by side (`first_step_loss`: the two must agr
 
 Both use every core this process may run on: JAX as it trains (one CPU device per core that divides the batch,
 `--cpu_devices`), PyTorch with as many intra-op threads (`--torch_threads`). Lines: `first_step_loss`,
-`jax_train_images_per_s`, `torch_train_images_per_s` (each with `median_s`, `min_s`, `max_s`, `n`) and
-`jax_over_torch` (the ratio of the images/s, > 1 when ours is faster, with both figures), each with the context:
+`jax_train_images_per_s`, `torch_train_images_per_s` (each with `median_s`, `min_s`, `max_s`, `n` of the wall time,
+and `cpu_median_s` / `cpu_images_per_s` from the process CPU time of a step) and `jax_over_torch` (the ratio of the
+images/s, > 1 when ours is faster, with both figures, and `cpu_ratio`, the same from CPU time), each with the context:
 model, batch, image size, dtype, the twin's conv mode and memory format, JAX devices, PyTorch threads and CPU
 capability, and the ISA settings (`XLA_FLAGS`, `ONEDNN_MAX_CPU_ISA`, `ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS`).
+
+On a machine shared with other jobs the wall times measure the share of the cores each side got as much as the
+step; the CPU times do not, and with one thread a side (`taskset -c 0`, `--torch_threads=1`) they measure the work
+alone (with several threads, time spent spinning at barriers counts too).
 
 One process rather than two alternating ones: the two steps then see the same machine state round by round, and no
 time is lost starting and synchronising processes. The twin lives here, not in `ccfnet_jax`, because the library
@@ -105,14 +110,17 @@ def compare(pair: Pair, *, rounds: int, steps: int, warmup: int = 1) -> list[dic
                        relative_difference=abs(jax_loss - torch_loss) / max(abs(torch_loss), 1e-30))]
   seconds = timing.interleaved({"jax": pair.jax_step, "torch": pair.torch_step}, rounds=rounds, steps=steps,
                                warmup=max(warmup - 1, 0))
-  rates = {}
+  rates, cpu_rates = {}, {}
   for name in ("jax", "torch"):
-    rates[name] = batch / statistics.median(seconds[name])
-    lines.append(timing.emit(f"{name}_train_images_per_s", rates[name], "images/s", ctx,
-                             **timing.spread(seconds[name])))
+    wall, cpu = seconds[name]["wall_s"], seconds[name]["cpu_s"]
+    rates[name] = batch / statistics.median(wall)
+    cpu_rates[name] = batch / statistics.median(cpu)
+    lines.append(timing.emit(f"{name}_train_images_per_s", rates[name], "images/s", ctx, **timing.spread(wall),
+                             cpu_median_s=statistics.median(cpu), cpu_images_per_s=cpu_rates[name]))
   lines.append(timing.emit("jax_over_torch", rates["jax"] / rates["torch"], "x", ctx,
-                           jax_images_per_s=rates["jax"], torch_images_per_s=rates["torch"], rounds=rounds,
-                           steps=steps, what="train images/s of ours / of the PyTorch twin, timed in turn"))
+                           jax_images_per_s=rates["jax"], torch_images_per_s=rates["torch"],
+                           cpu_ratio=cpu_rates["jax"] / cpu_rates["torch"], rounds=rounds, steps=steps,
+                           what="train images/s of ours / of the PyTorch twin, timed in turn"))
   return lines
 
 

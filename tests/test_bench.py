@@ -1,5 +1,5 @@
-"""Smoke test of the benchmark suite (ccfnet_jax.perf.suite, behind `python -m ccfnet_jax.bench`): it runs at tiny size and prints valid JSON lines. No timings are
-asserted (speed is measured by running the benchmark, never in tests)."""
+"""Smoke tests of the benchmark suite (ccfnet_jax.perf, behind `python -m ccfnet_jax.bench`): it runs at tiny size
+and prints valid JSON lines. No timings are asserted (speed is measured by running the benchmark, never in tests)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 import tiny_training
-from ccfnet_jax.perf import suite, train_step
+from ccfnet_jax.perf import suite, timing, train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -112,6 +112,7 @@ def test_bench_command_defines_its_flags_only_when_run_and_writes_output(tmp_pat
   """)
   output = tmp_path / "lines" / "bench.jsonl"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_COMPILATION_CACHE_DIR=str(REPO / ".cache" / "jax"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   result = subprocess.run(
       [sys.executable, "-c", script, "--config=configs/default.py", f"--config.model.name={tiny_training.TINY}",
        "--batch=4", "--image_size=128", "--steps=1", "--warmup=0", "--measure=compile,train,memory",
@@ -124,3 +125,15 @@ def test_bench_command_defines_its_flags_only_when_run_and_writes_output(tmp_pat
   assert {line["metric"] for line in written} == {"compile_s", "train_images_per_s", "train_step_ms",
                                                   "flops_per_step", "achieved_flops_per_s", "peak_memory_bytes"}
   assert all(line["num_devices"] == 2 and line["config"] == "default.py" and line["batch"] == 4 for line in written)
+
+
+def test_interleaved_alternates_rounds_after_warming_each_up():
+  calls = []
+  fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+  seconds = timing.interleaved(fns, rounds=2, steps=2, warmup=1)
+  assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+  assert {name: {k: len(v) for k, v in s.items()} for name, s in seconds.items()} == {
+      "a": {"wall_s": 4, "cpu_s": 4}, "b": {"wall_s": 4, "cpu_s": 4}}
+  assert all(t >= 0 for s in seconds.values() for ts in s.values() for t in ts)
+  with pytest.raises(ValueError, match="rounds"):
+    timing.interleaved(fns, rounds=0, steps=1, warmup=0)

@@ -107,6 +107,9 @@ def test_twin_loss_matches_ours_and_the_benchmark_prints_both(capsys):
     line = by_metric[f"{name}_train_images_per_s"]
     assert line["n"] == 1 and math.isfinite(line["value"]) and line["value"] > 0
     assert line["value"] == pytest.approx(2 / line["median_s"]) and line["value"] == ratio[f"{name}_images_per_s"]
+    assert line["cpu_images_per_s"] == pytest.approx(2 / line["cpu_median_s"]) and line["cpu_median_s"] > 0
+  assert ratio["cpu_ratio"] == pytest.approx(by_metric["jax_train_images_per_s"]["cpu_images_per_s"]
+                                             / by_metric["torch_train_images_per_s"]["cpu_images_per_s"])
   assert ratio["model"] == "R18-MSC" and ratio["batch"] == 2 and ratio["torch_convs"] == "repeated"
 
 

@@ -3,7 +3,7 @@
 A figure is the median of several timed calls, each waited for (`jax.block_until_ready`), after untimed warm-up
 calls; `spread` gives the median with the fastest and slowest call so the noise can be read off. `interleaved` times
 several functions in alternating rounds (A, B, A, B, ...), so that a machine whose speed drifts (other jobs, clock)
-slows them alike.
+slows them alike, and gives the process CPU time of each call beside its wall time.
 """
 
 from __future__ import annotations
@@ -42,20 +42,26 @@ def time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], *, rounds: int, steps: int,
-                warmup: int) -> dict[str, list[float]]:
-  """Seconds of every call of each function, timed in `rounds` rounds of `steps` calls of each, in turn.
+                warmup: int) -> dict[str, dict[str, list[float]]]:
+  """Wall and CPU seconds of every call of each function, timed in `rounds` rounds of `steps` calls of each, in turn.
 
   Every function first gets `warmup` untimed calls; then each round times `steps` calls of each function in the
-  mapping's order. Returns `{name: [rounds * steps seconds]}`.
+  mapping's order. Returns `{name: {"wall_s": [...], "cpu_s": [...]}}` (`rounds * steps` calls each). The CPU
+  seconds are this process's, all threads: on a machine shared with other jobs they count the work done rather
+  than the time waited for a core (idle threads that spin count as work).
   """
   if rounds < 1 or steps < 1 or warmup < 0:
     raise ValueError(f"rounds ({rounds}) and steps ({steps}) must be >= 1, warmup ({warmup}) >= 0")
   for fn in fns.values():
     time_calls(fn, 0, warmup)
-  seconds: dict[str, list[float]] = {name: [] for name in fns}
+  seconds: dict[str, dict[str, list[float]]] = {name: {"wall_s": [], "cpu_s": []} for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      seconds[name].extend(time_calls(fn, steps, 0))
+      for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        seconds[name]["cpu_s"].append(time.process_time() - cpu)
+        seconds[name]["wall_s"].append(time.perf_counter() - wall)
   return seconds
 
 
