@@ -1,4 +1,4 @@
-"""ccfnet_jax.op_profile: per-op time from a profiler trace joined with the compiled HLO."""
+"""ccfnet_jax.perf.op_profile: per-op time from a profiler trace joined with the compiled HLO."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ccfnet_jax import op_profile
+from ccfnet_jax.perf import op_profile
 
 _HLO = """HloModule jit_f, entry_computation_layout={(f32[2]{0})->f32[2]{0}}
 

@@ -1,23 +1,18 @@
-"""Input-pipeline benchmark: images/s of host loading + resize, of device augmentation, and of both together.
+"""Input-pipeline figures: images/s of host loading + resize, of device augmentation, and of both together.
 
 Uses phantom records held in memory (`ccfnet_jax.data.phantom.generate_study`, native sizes ~250-450 px, so the
-host resize upsamples to 512), global batches of 8 at 512x512 with the reference augmentation. Prints one JSON line.
-
-  python -m ccfnet_jax.bench_pipeline [--batch_size=8 --image_size=512 --num_batches=20 --worker_count=0]
-
-`ccfnet_jax.bench` imports `pipeline_figures` to print these beside a training step's images/s.
+host resize upsamples to 512) and the reference augmentation. `python -m ccfnet_jax.bench --measure=pipeline`
+prints them beside a training step's images/s.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
 import jax
-import numpy as np
-from absl import app, flags
 
+from ccfnet_jax import parallel
 from ccfnet_jax.data import augment, phantom, pipeline
 
 
@@ -36,7 +31,7 @@ def pipeline_figures(batch_size: int = 8, image_size: int = 512, num_batches: in
   """
   records = [phantom.generate_study(i, seed=seed) for i in range(num_records)]
   options = pipeline.PipelineOptions(num_threads=num_threads, worker_count=worker_count)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), (pipeline.DATA_AXIS,))
+  mesh = parallel.make_mesh()
   cfg = augment.AugmentConfig.reference()
   augment_fn = jax.jit(augment.augment_batch, static_argnames="cfg")
 
@@ -53,7 +48,7 @@ def pipeline_figures(batch_size: int = 8, image_size: int = 512, num_batches: in
   host_s = time.perf_counter() - start
 
   # Device augmentation only.
-  device_batch = pipeline.to_global(host_batch, mesh)
+  device_batch = parallel.host_to_global(host_batch, mesh)
   key = jax.random.key(seed)
   jax.block_until_ready(augment_fn(key, device_batch, cfg=cfg))  # compile
   start = time.perf_counter()
@@ -70,7 +65,7 @@ def pipeline_figures(batch_size: int = 8, image_size: int = 512, num_batches: in
   start = time.perf_counter()
   it = batches()
   for step in range(num_batches):
-    out = augment_fn(jax.random.fold_in(key, step), pipeline.to_global(next(it), mesh), cfg=cfg)
+    out = augment_fn(jax.random.fold_in(key, step), parallel.host_to_global(next(it), mesh), cfg=cfg)
   jax.block_until_ready(out)
   combined_s = time.perf_counter() - start
   if hasattr(it, "close"):
@@ -90,26 +85,3 @@ def pipeline_figures(batch_size: int = 8, image_size: int = 512, num_batches: in
       "augment_images_per_s": _images_per_s(n, augment_s),
       "combined_images_per_s": _images_per_s(n, combined_s),
   }
-
-
-def define_flags() -> dict[str, flags.FlagHolder]:
-  """This benchmark's command-line flags (defined only when it runs as the program, so importers keep theirs)."""
-  return {
-      "batch_size": flags.DEFINE_integer("batch_size", 8, "Global batch size."),
-      "image_size": flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S)."),
-      "num_batches": flags.DEFINE_integer("num_batches", 20, "Timed batches per measurement."),
-      "num_records": flags.DEFINE_integer("num_records", 16, "Phantom studies generated in memory."),
-      "worker_count": flags.DEFINE_integer("worker_count", 0, "Grain worker processes (0 = in-process threads)."),
-      "num_threads": flags.DEFINE_integer("num_threads", 2, "Reader threads per process."),
-  }
-
-
-def main(holders: dict[str, flags.FlagHolder]) -> None:
-  values = {name: holder.value for name, holder in holders.items()}
-  print(json.dumps(pipeline_figures(values["batch_size"], values["image_size"], values["num_batches"],
-                                    values["num_records"], values["worker_count"], values["num_threads"])))
-
-
-if __name__ == "__main__":
-  _holders = define_flags()
-  app.run(lambda argv: main(_holders))
