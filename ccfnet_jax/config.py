@@ -33,7 +33,7 @@ _RESNET_MODELS = ("ccfnet", "simplebaseline")
 TRAINING_NEUTRAL_FIELDS = frozenset({
     "fold", "data_dir", "manual_dir", "num_data_threads", "num_data_workers", "log_every_steps", "keep_checkpoints",
     "eval_batch_size", "eval_every_steps", "checkpoint_every_steps", "parallel_folds", "fold_batching",
-    "data_on_device",
+    "data_on_device", "phantom_dicom_studies",
 })
 """Fields a resumed run may change freely: where data lives, how it is read, fed, logged, kept or batched; not what
 the model learns (folds trained stacked or in turn give the same model up to float rounding)."""
@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.manual_dir = ""  # tianchi: folder with lumbar_train150/ and lumbar_train150_annotation.json
   config.phantom_studies = 200  # phantom dataset size
   config.phantom_seed = 0
+  config.phantom_dicom_studies = 0  # > 0: after training, write that many new phantom studies as DICOM to predict on
   config.num_folds = 4
   config.fold = "0"  # 'K', 'all', a comma list 'K,L', or 'none' (train on every study, hold none out)
   config.train_fraction = 1.0  # < 1: a nested, label-stratified subset of each fold's training studies
@@ -240,7 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config, "num_steps", "eval_every_steps", "checkpoint_every_steps", allow_none=True)
   if config.num_steps is None:
     _positive(config, "num_epochs")
-  _non_negative(config, "eval_batch_size", "weight_decay", "min_learning_rate", "warmup_steps", "num_data_threads",
+  _non_negative(config, "eval_batch_size", "phantom_dicom_studies", "weight_decay", "min_learning_rate", "warmup_steps", "num_data_threads",
                 "num_data_workers")
   if config.schedule not in SCHEDULES:
     raise _fail("schedule", config.schedule, f"expected one of {SCHEDULES}")

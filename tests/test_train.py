@@ -246,10 +246,16 @@ def _restore_params(workdir, fold, step, config):
   return parallel.to_host(restored), extra
 
 
-def test_train_fold_writes_results_logs_and_checkpoints(tmp_path, phantom_data_dir):
+def test_train_fold_writes_results_logs_and_checkpoints(tmp_path, phantom_data_dir, capsys):
   config = tiny_training.tiny_config(data_dir=phantom_data_dir, num_steps=4, eval_every_steps=2, fold="1",
-                                     keep_checkpoints=1)
+                                     keep_checkpoints=1, phantom_dicom_studies=2)
   results = train.train_and_evaluate(config, str(tmp_path))
+  # The run says where things are and what to try next, on new phantom studies written as DICOM.
+  out = capsys.readouterr().out
+  studies = tmp_path / "phantom_dicom" / "lumbar_phantom"
+  assert sorted(p.name for p in studies.iterdir()) == ["study16", "study17"]  # after the 16 training phantoms
+  assert f"python -m ccfnet_jax.predict --workdir={tmp_path} --studies={studies}" in out
+  assert f"checkpoints: {tmp_path}/fold_1/checkpoints" in out
   fold_dir = tmp_path / "fold_1"
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))

@@ -28,7 +28,7 @@ from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import forward, logging_utils, metrics, parallel, rundir
 from ccfnet_jax.models import complexity
-from ccfnet_jax.data import pipeline
+from ccfnet_jax.data import phantom, pipeline
 from ccfnet_jax.train import device_data, recalibrate, results, setup, steps
 
 EVAL_KEYS = ("image", "native_hw", "points_xy_native", "pixel_spacing_mm", "point_valid", "disease", "example_valid")
@@ -406,4 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if jax.process_index() == 0:
     rundir.write_json(os.path.join(workdir, rundir.RESULTS_FILE), run_results)
     print(results.format_table(run_results, config, num_params), flush=True)
+    studies = None
+    if config.dataset == "phantom" and config.get("phantom_dicom_studies", 0):
+      studies = phantom.write_official_layout(os.path.join(workdir, "phantom_dicom"), config.phantom_dicom_studies,
+                                              seed=config.phantom_seed, start_index=config.phantom_studies)
+    print(results.next_steps(workdir, [d.fold for d in data], studies), flush=True)
   return run_results

@@ -85,3 +85,30 @@ def format_table(results: Mapping[str, Any], config: ml_collections.ConfigDict, 
       lines.append(f"| {name} | {model_label(config)} | {params} | fold {k} | {which}: {row['epoch']} | "
                    + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def next_steps(workdir: str, folds: Sequence[int | str], studies: tuple[Any, Any] | None = None) -> str:
+  """Where a finished run put things, and the commands to try next (on `studies` = (folder, annotation file) of
+  DICOM studies when there are some, else on a placeholder)."""
+  fold = folds[-1]
+  fold_flag = f" --fold={fold}" if len(folds) > 1 else ""
+  folder, annotations = (str(studies[0]), str(studies[1])) if studies else ("STUDIES_DIR", "ANNOTATION_JSON")
+  lines = [
+      f"results:     {os.path.join(workdir, rundir.RESULTS_FILE)} (one fold: "
+      f"{os.path.join(rundir.fold_dir(workdir, fold), rundir.RESULTS_FILE)})",
+      f"checkpoints: {rundir.checkpoints_dir(workdir, fold)}",
+      f"logs:        {os.path.join(rundir.fold_dir(workdir, fold), rundir.METRICS_FILE)}; "
+      f"tensorboard --logdir {workdir}",
+  ]
+  if studies:
+    lines.append(f"studies:     {folder} (new phantom studies as DICOM, annotations in {annotations})")
+  preds = os.path.join(workdir, "preds.json")
+  lines += [
+      "next:",
+      f"  python -m ccfnet_jax.predict --workdir={workdir}{fold_flag} --studies={folder} --annotations={annotations} "
+      f"--output={preds} --overlays={os.path.join(workdir, 'overlays')} --report={os.path.join(workdir, 'report')}",
+      f"  python -m ccfnet_jax.evaluate --predictions={preds} --annotations={annotations} --studies={folder}",
+      f"  open {os.path.join(workdir, 'report', 'index.html')}  (the QC page: every study, its points and errors)",
+      f"  python -m ccfnet_jax.export --workdir={workdir}{fold_flag} --output={os.path.join(workdir, 'model.jaxexport')}",
+  ]
+  return "\n".join(lines)
