@@ -39,12 +39,12 @@ from typing import Any
 
 import ml_collections
 import torch
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from benchmarks import torch_reference
-from ccfnet_jax import convert, parallel, targets
+from ccfnet_jax import cli, convert, parallel, targets
 from ccfnet_jax.perf import timing, train_step
 
 ISA_VARIABLES = ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
@@ -124,43 +124,38 @@ def compare(pair: Pair, *, rounds: int, steps: int, warmup: int = 1) -> list[dic
   return lines
 
 
-def define_flags() -> dict[str, Any]:
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
   """The command's flags (defined only when it runs as the program)."""
-  return {
-      "config": config_flags.DEFINE_config_file("config", "configs/r18_msc.py", "Experiment config file (its "
-                                                "model: CCF-Net R18/R50, with or without MSC)."),
-      "batch": flags.DEFINE_integer("batch", 2, "Global batch size."),
-      "image_size": flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S)."),
-      "dtype": flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (PyTorch: autocast)."),
-      "rounds": flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, then the twin's)."),
-      "steps": flags.DEFINE_integer("steps", 3, "Timed steps of each per round."),
-      "warmup": flags.DEFINE_integer("warmup", 1, "Untimed steps of each before the rounds (at least 1)."),
-      "torch_convs": flags.DEFINE_enum("torch_convs", "repeated", sorted(CONV_MODES), "The twin's multi-dilation "
-                                       "convs: as the reference runs them, or each computed once."),
-      "channels_last": flags.DEFINE_bool("channels_last", False, "The twin in channels-last memory order."),
-      "torch_threads": flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: one per usable "
-                                            "core, as JAX uses)."),
-      "device": flags.DEFINE_string("device", "cpu", "The twin's PyTorch device (cpu, cuda)."),
-      "cpu_devices": flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py "
-                                          "(0: one per core that divides --batch; 1: JAX's single CPU device)."),
-      "output": flags.DEFINE_string("output", "", "Also write the JSON lines to this file."),
-  }
+  config_flags.DEFINE_config_file("config", "configs/r18_msc.py", "Experiment config file (its model: CCF-Net "
+                                  "R18/R50, with or without MSC).")
+  flags.DEFINE_integer("batch", 2, "Global batch size.")
+  flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (PyTorch: autocast).")
+  flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, then the twin's).")
+  flags.DEFINE_integer("steps", 3, "Timed steps of each per round.")
+  flags.DEFINE_integer("warmup", 1, "Untimed steps of each before the rounds (at least 1).")
+  flags.DEFINE_enum("torch_convs", "repeated", sorted(CONV_MODES), "The twin's multi-dilation convs: as the "
+                    "reference runs them, or each computed once.")
+  flags.DEFINE_bool("channels_last", False, "The twin in channels-last memory order.")
+  flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: one per usable core, as JAX uses).")
+  flags.DEFINE_string("device", "cpu", "The twin's PyTorch device (cpu, cuda).")
+  flags.DEFINE_string("output", "", "Also write the JSON lines to this file.")
+  cli.define_device_flags()
 
 
-def main(argv: Sequence[str], holders: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  value = {name: holder.value for name, holder in holders.items()}
-  parallel.configure_cpu_devices(value["cpu_devices"], (value["batch"],))
-  torch.set_num_threads(value["torch_threads"] or parallel.usable_cores())
-  pair = build_pair(value["config"], batch_size=value["batch"], image_size=value["image_size"],
-                    dtype=value["dtype"], torch_convs=value["torch_convs"], channels_last=value["channels_last"],
-                    device=value["device"])
-  lines = compare(pair, rounds=value["rounds"], steps=value["steps"], warmup=value["warmup"])
-  if value["output"]:
-    timing.write_lines(value["output"], lines)
+def main(argv: Sequence[str]) -> None:
+  del argv
+  cli.configure_devices((FLAGS.batch,))
+  torch.set_num_threads(FLAGS.torch_threads or parallel.usable_cores())
+  pair = build_pair(FLAGS.config, batch_size=FLAGS.batch, image_size=FLAGS.image_size, dtype=FLAGS.dtype,
+                    torch_convs=FLAGS.torch_convs, channels_last=FLAGS.channels_last, device=FLAGS.device)
+  lines = compare(pair, rounds=FLAGS.rounds, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  if FLAGS.output:
+    timing.write_lines(FLAGS.output, lines)
 
 
 if __name__ == "__main__":
-  _holders = define_flags()
-  app.run(lambda argv: main(argv, _holders))
+  cli.run(main, define_flags)

@@ -33,70 +33,66 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ccfnet_jax import parallel
+from ccfnet_jax import cli
 from ccfnet_jax.perf import suite, timing, train_step
 
 
-def define_flags() -> dict[str, Any]:
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
   """The command's flags (defined only when it runs as the program, so importing this module defines none)."""
-  return {
-      "config": config_flags.DEFINE_config_file("config", "configs/r18_msc.py", "Experiment config file."),
-      "batch": flags.DEFINE_integer("batch", 2, "Global batch size of the timed steps."),
-      "image_size": flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S)."),
-      "dtype": flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                                 "Compute dtype (parameters stay float32)."),
-      "steps": flags.DEFINE_integer("steps", 10, "Timed calls per measurement (the median is reported)."),
-      "warmup": flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones (after compilation)."),
-      "measure": flags.DEFINE_list("measure", list(suite.MEASUREMENTS), "Which measurements to run, of "
-                                   f"{suite.MEASUREMENTS + suite.OPTIONAL_MEASUREMENTS}."),
-      "folds": flags.DEFINE_integer("folds", 4, "Folds stacked by the optional `folds` measurement."),
-      "fold_batching": flags.DEFINE_enum("fold_batching", "", ["", *train_step.FOLD_BATCHING],
-                                         "How the `folds` measurement stacks the folds (default: the platform's)."),
-      "pipeline_studies": flags.DEFINE_integer("pipeline_studies", 8, "Phantom studies held in memory for the "
-                                               "pipeline figures."),
-      "pipeline_threads": flags.DEFINE_integer("pipeline_threads", 2, "Grain reader threads of the pipeline."),
-      "pipeline_workers": flags.DEFINE_integer("pipeline_workers", 0, "Grain worker processes of the pipeline "
-                                               "(0: threads of this process)."),
-      "num_devices": flags.DEFINE_integer("num_devices", 0, "Devices of the data-parallel mesh (0: all)."),
-      "cpu_devices": flags.DEFINE_integer("cpu_devices", 0, "XLA devices a CPU host is split into, as in run.py "
-                                          "(0: one per core that divides --batch; 1: JAX's single CPU device)."),
-      "matmul_size": flags.DEFINE_integer("matmul_size", 0, "Side N of the N x N matrix product timed for the MFU "
-                                          "reference (0: 8192 on accelerators, 2048 on CPU)."),
-      "augment": flags.DEFINE_bool("augment", True, "Run the config's on-device augmentation in the train step."),
-      "profile": flags.DEFINE_string("profile", "", "Also trace --steps train steps into this folder and print "
-                                     "the slowest ops (`op_ms` lines)."),
-      "profile_top": flags.DEFINE_integer("profile_top", 25, "How many of the slowest ops --profile prints."),
-      "output": flags.DEFINE_string("output", "", "Also write the JSON lines to this file."),
-  }
+  config_flags.DEFINE_config_file("config", "configs/r18_msc.py", "Experiment config file.")
+  flags.DEFINE_integer("batch", 2, "Global batch size of the timed steps.")
+  flags.DEFINE_integer("image_size", 512, "Input size S (images are S x S).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
+  flags.DEFINE_integer("steps", 10, "Timed calls per measurement (the median is reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls before the timed ones (after compilation).")
+  flags.DEFINE_list("measure", list(suite.MEASUREMENTS), "Which measurements to run, of "
+                    f"{suite.MEASUREMENTS + suite.OPTIONAL_MEASUREMENTS}.")
+  flags.DEFINE_integer("folds", 4, "Folds stacked by the optional `folds` measurement.")
+  flags.DEFINE_enum("fold_batching", "", ["", *train_step.FOLD_BATCHING],
+                    "How the `folds` measurement stacks the folds (default: the platform's).")
+  flags.DEFINE_integer("pipeline_studies", 8, "Phantom studies held in memory for the pipeline figures.")
+  flags.DEFINE_integer("pipeline_threads", 2, "Grain reader threads of the pipeline.")
+  flags.DEFINE_integer("pipeline_workers", 0, "Grain worker processes of the pipeline (0: threads of this process).")
+  flags.DEFINE_integer("num_devices", 0, "Devices of the data-parallel mesh (0: all).")
+  flags.DEFINE_integer("matmul_size", 0, "Side N of the N x N matrix product timed for the MFU reference (0: 8192 "
+                       "on accelerators, 2048 on CPU).")
+  flags.DEFINE_bool("augment", True, "Run the config's on-device augmentation in the train step.")
+  flags.DEFINE_string("profile", "", "Also trace --steps train steps into this folder and print the slowest ops "
+                      "(`op_ms` lines).")
+  flags.DEFINE_integer("profile_top", 25, "How many of the slowest ops --profile prints.")
+  flags.DEFINE_string("output", "", "Also write the JSON lines to this file.")
+  cli.define_device_flags()
 
 
-def options_from_flags(holders: dict[str, Any]) -> suite.Options:
+def options_from_flags() -> suite.Options:
   """The suite's options from the parsed flags."""
-  value = {name: holder.value for name, holder in holders.items()}
   return suite.Options(
-      batch_size=value["batch"], image_size=value["image_size"], dtype=value["dtype"], steps=value["steps"],
-      warmup=value["warmup"], measure=value["measure"], augment=value["augment"], num_devices=value["num_devices"],
-      matmul_size=value["matmul_size"], pipeline_studies=value["pipeline_studies"],
-      pipeline_threads=value["pipeline_threads"], pipeline_workers=value["pipeline_workers"],
-      num_folds=value["folds"], fold_batching=value["fold_batching"], profile_dir=value["profile"],
-      profile_top=value["profile_top"],
-      config_name=os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))
+      batch_size=FLAGS.batch, image_size=FLAGS.image_size, dtype=FLAGS.dtype, steps=FLAGS.steps,
+      warmup=FLAGS.warmup, measure=FLAGS.measure, augment=FLAGS.augment, num_devices=FLAGS.num_devices,
+      matmul_size=FLAGS.matmul_size, pipeline_studies=FLAGS.pipeline_studies,
+      pipeline_threads=FLAGS.pipeline_threads, pipeline_workers=FLAGS.pipeline_workers, num_folds=FLAGS.folds,
+      fold_batching=FLAGS.fold_batching, profile_dir=FLAGS.profile, profile_top=FLAGS.profile_top,
+      config_name=os.path.basename(config_flags.get_config_filename(FLAGS["config"])))
 
 
-def main(argv: Sequence[str], holders: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  parallel.configure_cpu_devices(holders["cpu_devices"].value, (holders["batch"].value,))
-  lines = suite.run(holders["config"].value, options_from_flags(holders))
-  if holders["output"].value:
-    timing.write_lines(holders["output"].value, lines)
+def main(argv: Sequence[str]) -> None:
+  del argv
+  cli.configure_devices((FLAGS.batch,))
+  try:
+    options = options_from_flags()
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  lines = suite.run(FLAGS.config, options)
+  if FLAGS.output:
+    timing.write_lines(FLAGS.output, lines)
 
 
 if __name__ == "__main__":
-  _holders = define_flags()
-  app.run(lambda argv: main(argv, _holders))
+  cli.run(main, define_flags)

@@ -97,16 +97,11 @@ def load_model_from_flags(mesh=None):
                             mesh=mesh)
 
 
-def define_renamed_flag(old: str, new: str) -> None:
-  """A flag kept only to say what it is called now: giving it stops the command naming `--new`."""
-  flags.DEFINE_string(old, None, f"Renamed: use --{new}.")
-
-  def check(value):
-    if value is not None:
-      raise flags.ValidationError(f"--{old} is now --{new}")
-    return True
-
-  flags.register_validator(old, check)
+def define_renamed_flags(renamed: dict[str, str]) -> None:
+  """Flags kept only to say what they are called now: giving `--old` stops the command naming `--new`."""
+  for old, new in renamed.items():
+    flags.DEFINE_string(old, None, f"Renamed: use --{new}.")
+    flags.register_validator(old, lambda value: value is None, message=f"--{old} is now --{new}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from absl import app, flags
 from PIL import Image
 
 import tfds_spine
+from ccfnet_jax import cli
 from ccfnet_jax.data import annotations, draw, layout, phantom, records
 from ccfnet_jax.data.errors import StudyError
 
@@ -34,9 +35,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("cols", 4, "Pictures per row.")
   flags.DEFINE_integer("size", 320, "Longest side of each picture (px).")
   flags.DEFINE_string("output", "grid.png", "Output PNG.")
-  for old, new in _RENAMED.items():
-    flags.DEFINE_string(old, None, f"Renamed: use --{new}.")
-    flags.register_validator(old, lambda value: value is None, message=f"--{old} is now --{new}")
+  cli.define_renamed_flags(_RENAMED)
 
 
 def _title(name: str, record: dict) -> str:
@@ -91,8 +90,7 @@ def tfds_pictures(dataset: str, data_dir: str, manual_dir: str | None, count: in
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv
   if FLAGS.dataset == "tianchi" and not FLAGS.manual_dir and not FLAGS.data_dir:
     raise app.UsageError("--dataset=tianchi needs --manual_dir (the folder holding lumbar_train150_annotation.json)")
   if FLAGS.data_dir:
@@ -110,5 +108,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)

@@ -8,15 +8,19 @@ The rows, the counting rules and the notes are `ccfnet_jax.models.complexity` (`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
+import jax
+from absl import flags
+
+from ccfnet_jax import cli
 from ccfnet_jax.models import complexity
+
+FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
   """The command's flags (defined only when run as a program)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   flags.DEFINE_integer("image_size", 512, "Input side in px (the paper counts at 512).")
   flags.DEFINE_enum("xla", "none", complexity.XLA_MODES, "Add XLA's MAC count: of the lowered HLO or the compiled "
                     "one.")
@@ -37,21 +41,14 @@ def select_rows(names: Sequence[str]) -> tuple[complexity.Row, ...]:
 
 
 def main(argv: Sequence[str]) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  del argv
   jax.config.update("jax_platforms", FLAGS.platform)
   try:
     rows = select_rows(FLAGS.rows)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    raise cli.UserError(str(e)) from None
   print(complexity.table(rows, image_size=FLAGS.image_size, xla=FLAGS.xla), flush=True)
 
 
 if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
-  define_flags()
-  _app.run(main)
+  cli.run(main, define_flags)

@@ -103,12 +103,11 @@ def test_bench_command_defines_its_flags_only_when_run_and_writes_output(tmp_pat
       import sys
       sys.path.insert(0, {str(REPO / "tests")!r})
       import tiny_training
-      from absl import app, flags
-      from ccfnet_jax import bench
+      from absl import flags
+      from ccfnet_jax import bench, cli
       assert "batch" not in flags.FLAGS and "config" not in flags.FLAGS, "importing the command defined flags"
       tiny_training.register()
-      holders = bench.define_flags()
-      app.run(lambda argv: bench.main(argv, holders))
+      cli.run(bench.main, bench.define_flags)
   """)
   output = tmp_path / "lines" / "bench.jsonl"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

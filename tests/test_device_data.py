@@ -14,7 +14,7 @@ from ccfnet_jax.train import device_data
 from test_stacked_folds import NUM_STUDIES, _restore_params, phantom_dir  # noqa: F401  (fixture)
 
 
-def test_the_gathered_batches_are_the_host_pipelines(phantom_dir):  # noqa: F811
+def test_the_gathered_batches_are_the_host_pipelines():
   source = [tiny_training.fake_record(i) for i in range(10)]
   mesh = parallel.make_mesh(jax.devices()[:2])
   on_device = device_data.load([source], [7], batch_size=4, image_size=64, num_steps=6, mesh=mesh)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny_training
 from ccfnet_jax import rundir
 from ccfnet_jax.train import sample_size
 from test_train import phantom_data_dir  # noqa: F401  (fixture)

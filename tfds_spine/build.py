@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from ccfnet_jax import cli
+
 import tfds_spine
 
 FLAGS = flags.FLAGS
@@ -29,14 +31,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("phantom_studies", None, f"Number of phantom studies (default "
                        f"{tfds_spine.DEFAULT_PHANTOM_STUDIES}).")
   flags.DEFINE_integer("seed", 0, "Phantom seed.")
-  for old, new in _RENAMED.items():
-    flags.DEFINE_string(old, None, f"Renamed: use --{new}.")
-    flags.register_validator(old, lambda value: value is None, message=f"--{old} is now --{new}")
+  cli.define_renamed_flags(_RENAMED)
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv
   logging.getLogger().setLevel(logging.INFO)
   if FLAGS.dataset == "phantom":
     kwargs = {"num_studies": FLAGS.phantom_studies, "seed": FLAGS.seed}
@@ -56,5 +55,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags)
