@@ -93,15 +93,15 @@ def iterator_state(step: int) -> dict[str, int]:
 
 
 class EvalBatches:
-  """A source's evaluation batches, read and placed on the mesh at their first use, then reused."""
+  """A source's evaluation batches (call it for them), read and placed on the mesh at the first call, then reused."""
 
   def __init__(self, source: Sequence[Any], *, batch_size: int, image_size: int, mesh: jax.sharding.Mesh,
                keys: Sequence[str], options: pipeline.PipelineOptions):
     self._args = dict(source=source, batch_size=batch_size, image_size=image_size, options=options)
     self._mesh, self._keys, self._batches = mesh, tuple(keys), None
 
-  def __iter__(self):
+  def __call__(self) -> list[dict[str, jax.Array]]:
     if self._batches is None:
       self._batches = [parallel.host_to_global({k: b[k] for k in self._keys}, self._mesh)
                        for b in pipeline.eval_dataset(**self._args)]
-    return iter(self._batches)
+    return self._batches

@@ -102,7 +102,7 @@ class _Fold:
   dir: str
   args: steps.FoldArgs
   train_iter: Any
-  val_batches: Any
+  val_batches: Callable[[], Any] | None  # () -> the validation fold's evaluation batches
   checkpoints: checkpoint_lib.Checkpointer
   writer: logging_utils.MetricWriter
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -316,8 +316,7 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
                   options=options), graphdef=compiled.train_graphdef, mesh=mesh)
           state = state.replace(batch_stats=stats)
           stacked = put_stats(stacked, i, stats)
-        batches = fold.val_batches if config.data_on_device else fold.val_batches()
-        eval_metrics = evaluate(compiled.evaluate, state, batches)
+        eval_metrics = evaluate(compiled.evaluate, state, fold.val_batches())
         fold.history.append({**eval_metrics, "epoch": epoch_of(step, epoch_steps), "step": step})
         fold.writer.write(step, "eval", eval_metrics)
         report(f"fold {fold.index} | step {step} | epoch {fold.history[-1]['epoch']} | eval "
