@@ -5,7 +5,7 @@
 Trains on three folds of the Tianchi studies and evaluates on the fourth after every epoch (10 passes over the
 training studies; fold 0 by default, `:fold=all` for all four).
 From scratch (no ImageNet weights; the backbone at torchvision's init scale, `model.backbone_init="kaiming"`, the
-default). About an hour per fold on two idle CPU cores (0.92 steps/s).
+default).
 """
 
 from configs import default

@@ -58,8 +58,9 @@ def conv_general_dilated(lhs: jnp.ndarray, rhs: jnp.ndarray, window_strides: Any
                          precision: Any = None, **kwargs: Any) -> jnp.ndarray:
   """`jax.lax.conv_general_dilated`, except that an unpadded 1x1 NHWC conv is computed as a 2-D matrix product.
 
-  The same function (`y[b, i, j] = x[b, s*i, s*j] @ kernel[0, 0]`), but XLA:CPU runs the product form 1.5-4x faster
-  than its convolution kernels, forward and backward (ResNet-50 bottlenecks are mostly 1x1 convs). Everything else,
+  The same function (`y[b, i, j] = x[b, s*i, s*j] @ kernel[0, 0]`), but XLA:CPU runs the product form several times
+  faster than its convolution kernels, forward and backward (ResNet-50 bottlenecks are mostly 1x1 convs;
+  docs/performance.md). Everything else,
   and any call with `kwargs` (sharding, preferred element type), goes to `jax.lax.conv_general_dilated` unchanged.
   """
   unpadded = padding == "VALID" or tuple(map(tuple, padding)) == ((0, 0), (0, 0))
@@ -101,10 +102,10 @@ class BatchNorm(nnx.BatchNorm):
 
   In train mode nnx writes the running statistics with an indexed write, which compares the new value's `.sharding`;
   on a tracer that attribute raises an error whose message is built by walking the whole trace so far. Over a
-  network that is quadratic: 50 of the 62 s HRNet-W32's train step took to trace (292 BatchNorm calls). Here train
-  mode computes what nnx computes -- batch statistics in float32 or wider (E[x^2] - E[x]^2 clipped at 0, over every
-  axis but the last), `(x - mean) * (rsqrt(var + eps) * scale) + bias` with them, the result in `dtype` -- and
-  assigns the running statistics whole. Eval mode, masks and other axes are nnx's own code.
+  network that is quadratic, and HRNet-W32 has 292 BatchNorm calls. Here train mode computes what nnx computes --
+  batch statistics in float32 or wider (E[x^2] - E[x]^2 clipped at 0, over every axis but the last),
+  `(x - mean) * (rsqrt(var + eps) * scale) + bias` with them, the result in `dtype` -- and assigns the running
+  statistics whole. Eval mode, masks and other axes are nnx's own code.
   """
 
   def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None, *,
@@ -142,7 +143,7 @@ def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.
   Padded cells hold -inf, so they never win (PyTorch's semantics). Overlapping windows (`window > stride`, the
   stem's 3x3/2) use `_overlapping_max_pool`: the same values and the same gradient (to the first maximum of each
   window, as XLA's select-and-scatter), computed with slices and pads, because XLA:CPU's select-and-scatter
-  backward is ~20x slower than the forward pass (it was ~15 % of the R18-MSC train step at 512 px on CPU).
+  backward is far slower than the forward pass (docs/performance.md).
   """
   if window > stride:
     return _overlapping_max_pool(x, window, stride, padding)
