@@ -67,16 +67,20 @@ def label_counts(disease: np.ndarray) -> dict[str, tuple[int, int]]:
   if disease.ndim != 2 or disease.shape[1] != objects.NUM_OBJECTS:
     raise ValueError(f"disease must be [N, {objects.NUM_OBJECTS}], got shape {disease.shape}")
   counts = {}
-  for group, indices in (("vertebra", objects.VERTEBRA_INDICES), ("disc", objects.DISC_INDICES)):
+  for group, indices in objects.GROUPS.items():
     labels = disease[:, list(indices)]
     counts[group] = (int(np.sum(labels == 0)), int(np.sum(labels > 0)))
   return counts
 
 
+def pos_weight_from_counts(counts: Mapping[str, tuple[int, int]]) -> tuple[float, float]:
+  """(vertebra, disc) pos_weight from `label_counts`."""
+  return class_balanced_pos_weight(*counts["vertebra"]), class_balanced_pos_weight(*counts["disc"])
+
+
 def pos_weight_from_labels(disease: np.ndarray) -> tuple[float, float]:
   """(vertebra, disc) pos_weight from a training fold's binary labels `disease [N, 11]` (1, 0, -1 unknown: skipped)."""
-  counts = label_counts(disease)
-  return class_balanced_pos_weight(*counts["vertebra"]), class_balanced_pos_weight(*counts["disc"])
+  return pos_weight_from_counts(label_counts(disease))
 
 
 def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float = 1.0) -> jnp.ndarray:
@@ -98,9 +102,9 @@ def _safe_mean(total: jnp.ndarray, count: jnp.ndarray) -> jnp.ndarray:
 def _group_masks() -> tuple[jnp.ndarray, jnp.ndarray]:
   """`[11]` float masks of the vertebrae and the discs."""
   vertebra = np.zeros(objects.NUM_OBJECTS, np.float32)
-  vertebra[list(objects.VERTEBRA_INDICES)] = 1.0
+  vertebra[list(objects.GROUPS["vertebra"])] = 1.0
   disc = np.zeros(objects.NUM_OBJECTS, np.float32)
-  disc[list(objects.DISC_INDICES)] = 1.0
+  disc[list(objects.GROUPS["disc"])] = 1.0
   return jnp.asarray(vertebra), jnp.asarray(disc)
 
 

@@ -19,7 +19,6 @@ HIT_DISTANCE_MM: float = 6.0
 
 METRIC_NAMES: tuple[str, ...] = ("disc_recall", "vertebra_recall", "disc_auc", "vertebra_auc", "score")
 
-GROUPS: Mapping[str, tuple[int, ...]] = {"disc": objects.DISC_INDICES, "vertebra": objects.VERTEBRA_INDICES}
 
 
 class MetricWarning(UserWarning):
@@ -127,8 +126,8 @@ def evaluate(pred_xy: np.ndarray,
   with np.errstate(invalid="ignore"):  # invalid points may hold NaN coordinates; they are masked out below
     hit = valid & (distances_mm(pred_xy, gt_xy, pixel_spacing_mm) <= max_distance_mm)
   result = {}
-  for group, indices in GROUPS.items():
-    idx = list(indices)
+  for group in ("disc", "vertebra"):  # the order of METRIC_NAMES
+    idx = list(objects.GROUPS[group])
     n_valid = int(np.sum(valid[:, idx]))
     if n_valid == 0:
       warnings.warn(f"no valid {group} ground-truth point: {group}_recall reported as 0", MetricWarning, stacklevel=2)

@@ -17,6 +17,8 @@ NUM_DISCS: int = len(DISCS)
 
 VERTEBRA_INDICES: tuple[int, ...] = tuple(range(NUM_VERTEBRAE))
 DISC_INDICES: tuple[int, ...] = tuple(range(NUM_VERTEBRAE, NUM_OBJECTS))
+GROUPS: dict[str, tuple[int, ...]] = {"vertebra": VERTEBRA_INDICES, "disc": DISC_INDICES}
+"""The two groups that are scored, weighted and counted apart (metric, BCE pos_weight, label counts)."""
 
 INDEX: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
 

@@ -75,8 +75,7 @@ def open_fold(config: ml_collections.ConfigDict, fold: int | None, workdir: str)
     keep = sorted(order[:subsets.subset_size(fraction, len(order))])
     train_source, disease = subsets.Subset(train_source, keep), disease[keep]
   counts = losses.label_counts(disease)
-  pos_weight = (losses.class_balanced_pos_weight(*counts["vertebra"]),
-                losses.class_balanced_pos_weight(*counts["disc"]))
+  pos_weight = losses.pos_weight_from_counts(counts)
   return FoldData(fold=rundir.FINAL_FOLD if fold is None else fold,
                   number=config.num_folds if fold is None else fold, train_source=train_source,
                   val_source=val_source, label_counts=counts, pos_weight=pos_weight)
