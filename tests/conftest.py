@@ -28,8 +28,8 @@ def require(available: bool, what: str) -> None:
   if available:
     return
   if IN_CI:
-    pytest.fail(f"{what} is missing, and CI=true: CI must run this test")
-  pytest.skip(f"{what} is not present")
+    pytest.fail(f"{what} is missing, and CI=true: CI must run this test", pytrace=False)
+  pytest.skip(f"{what} is not present", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -17,6 +16,8 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import require
 
 from ccfnet_jax import objects
 from ccfnet_jax.data import phantom
@@ -127,13 +128,9 @@ def test_repeated_study_names_are_refused():
 
 
 def _chromium() -> str:
-  for name in ("chromium", "chromium-browser"):
-    found = shutil.which(name)
-    if found:
-      return found
-  if os.environ.get("CI", "").lower() == "true":
-    pytest.fail("chromium is not installed (CI installs Debian's chromium in .ci/run)")
-  pytest.skip("chromium is not installed")
+  found = shutil.which("chromium") or shutil.which("chromium-browser")
+  require(bool(found), "chromium (CI installs Debian's chromium in .ci/run)")
+  return found
 
 
 def _run_chromium(tmp_path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import require
+
 try:
   import torch
 except ImportError:
-  if os.environ.get("CI", "").lower() == "true":
-    raise
-  pytest.skip("torch is not installed (pip install torch==2.13.0)", allow_module_level=True)
+  torch = None
+require(torch is not None, "torch (pip install torch==2.13.0)")
 
 from benchmarks import compare_torch, torch_reference  # noqa: E402
 from ccfnet_jax import convert, maps  # noqa: E402
