@@ -7,6 +7,7 @@ Fold k's validation source is split `fold{k}` and its training source the sum of
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ def prepare(config_name: str, data_dir: str | os.PathLike, manual_dir: str | os.
   """Builds the dataset into `data_dir` unless it is already there; returns the builder."""
   builder = get_builder(config_name, data_dir, **builder_kwargs)
   download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+  # TFDS's progress bars help at a terminal and are noise in logs (a process-wide TFDS setting).
+  tfds.display_progress_bar(sys.stderr.isatty())
   builder.download_and_prepare(download_config=download_config)
   return builder
 

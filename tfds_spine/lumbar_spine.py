@@ -170,6 +170,16 @@ class LumbarSpine(tfds.core.GeneratorBasedBuilder):
     # this data set's format, also under plain `tfds.builder(...)` / `tfds.data_source(...)`.
     super().__init__(file_format=file_format or self.DEFAULT_FILE_FORMAT, **kwargs)
 
+  def _log_download_bytes(self) -> None:
+    # TFDS's own line speaks of downloads and "Unknown size"; ours says what happens.
+    print(f"building lumbar_spine/{self.builder_config.name} into {self.data_dir} (first use; later runs reuse it)",
+          flush=True)
+
+  def _log_download_done(self) -> None:
+    summary = self.info.metadata.get("build_summary", {})
+    print(f"built lumbar_spine/{self.builder_config.name}: {summary.get('num_examples', '?')} studies, "
+          f"{summary.get('num_skipped', 0)} skipped {summary.get('skipped_by_kind', {})}", flush=True)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self, description=_DESCRIPTION, features=features(), supervised_keys=None,
