@@ -198,7 +198,8 @@ def _empty_fields_not_saved(abstract_state: Any, state_dir: str) -> set[str]:
     return set()
   metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
   saved = getattr(metadata, "item_metadata", metadata)
-  return {name for name in empty if not (isinstance(saved, Mapping) and name in saved)}
+  saved_names = set(saved.keys()) if hasattr(saved, "keys") else set()
+  return empty - saved_names
 
 
 def weights_target(params: Any, batch_stats: Any, *, averaged: bool) -> dict[str, Any]:

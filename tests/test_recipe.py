@@ -111,12 +111,16 @@ def test_a_checkpoint_without_moving_averages_still_restores(tmp_path):
   mesh = parallel.make_mesh(jax.devices()[:1])
   with checkpoint_lib.Checkpointer(tmp_path / "checkpoints", asynchronous=False) as ckpt:
     ckpt.save(5, old, {"evals": []})
+    ckpt.save(6, state, {"evals": []})  # the same state saved with its empty `ema` field
+  abstract = checkpoint_lib.abstract_like(state, parallel.replicated_sharding(mesh))
   with checkpoint_lib.Checkpointer(tmp_path / "checkpoints") as ckpt:
-    restored, _ = ckpt.restore(5, checkpoint_lib.abstract_like(state, parallel.replicated_sharding(mesh)))
-  assert restored.ema is None
-  for a, b in zip(_host(restored.params), _host(state.params)):
-    np.testing.assert_array_equal(a, b)
-  model = loading.restore_model(loading.find_checkpoint(tmp_path / "checkpoints", which="last"), config, mesh)
+    for step in (5, 6):
+      restored, _ = ckpt.restore(step, abstract)
+      assert restored.ema is None
+      for a, b in zip(_host(restored.params), _host(state.params)):
+        np.testing.assert_array_equal(a, b)
+  ref = loading.CheckpointRef(str(tmp_path / "checkpoints" / "5"), 5, "given", None)
+  model = loading.restore_model(ref, config, mesh)
   for a, b in zip(_host(nnx.state(model, nnx.Param)), _host(state.params)):
     np.testing.assert_array_equal(a, b)
 
