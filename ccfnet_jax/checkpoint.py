@@ -1,8 +1,9 @@
 """Orbax checkpoints of a training run: the last few and the best by validation score, resumable on any mesh.
 
 One checkpoint = two items:
-- `state`: the train state pytree (step, parameters, BatchNorm statistics, optimizer state). No PRNG state is
-  stored: every random key of the run is derived from (seed, fold, step).
+- `state`: the train state pytree (step, parameters, BatchNorm statistics, optimizer state and, in a run with
+  `config.ema_decay` > 0, their moving averages under `EMA_KEY`). No PRNG state is stored: every random key of the
+  run is derived from (seed, fold, step).
 - `extra`: JSON: the data iterator's state (Grain `get_state()`), the evaluation history so far, anything else
   small that a resumed run needs to continue exactly.
 
@@ -19,17 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Sharding
+
+from ccfnet_jax import rundir
 
 SCORE_KEY = "score"
 """The metric (from `metrics.evaluate`) that ranks checkpoints for 'best'."""
 STATE_ITEM, EXTRA_ITEM = "state", "extra"
+EMA_KEY = "ema"
+"""The part of a saved train state that holds the moving averages {'params', 'batch_stats'} (`TrainState.ema`)."""
 
 
 class CheckpointError(ValueError):
@@ -135,9 +142,15 @@ class Checkpointer:
     """
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+    absent = _empty_fields_not_saved(abstract_state, os.path.join(self.step_dir(step), STATE_ITEM))
+    target = abstract_state
+    if absent:
+      target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+                if f.name not in absent}
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                    extra=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.extra or {})
+    state = abstract_state.replace(**restored.state) if absent else restored.state
+    return state, dict(restored.extra or {})
 
   def set_aside(self, step: int) -> str:
     """Moves checkpoint `step` out of the managed folder (into `damaged_checkpoints/` beside it); returns where.
@@ -173,3 +186,149 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _empty_fields_not_saved(abstract_state: Any, state_dir: str) -> set[str]:
+  """The fields of a dataclass state that are None and absent from the saved state: fields added after the
+  checkpoint was written, with nothing in them (e.g. `TrainState.ema` without EMA), restored as None."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return set()
+  empty = {f.name for f in dataclasses.fields(abstract_state) if getattr(abstract_state, f.name) is None}
+  if not empty:
+    return set()
+  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  saved = getattr(metadata, "item_metadata", metadata)
+  saved_names = set(saved.keys()) if hasattr(saved, "keys") else set()
+  return empty - saved_names
+
+
+def weights_target(params: Any, batch_stats: Any, *, averaged: bool) -> dict[str, Any]:
+  """The part of a saved train state that holds a model's weights: {'params', 'batch_stats'}, or with `averaged`
+  their moving averages {EMA_KEY: {'params', 'batch_stats'}} (what a run with `config.ema_decay` > 0 evaluated)."""
+  weights = {"params": params, "batch_stats": batch_stats}
+  return {EMA_KEY: weights} if averaged else weights
+
+
+def restore_weights(state_dir: str | os.PathLike, target: Mapping[str, Any]) -> Any:
+  """Reads only the parts of a saved train state that `target` names (e.g. `weights_target`) from `state_dir` (a
+  step's `state` item), with `target`'s structure, shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s or
+  arrays); the optimizer state is not read."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                          dict(target))
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  return ocp.PyTreeCheckpointer().restore(
+      os.fspath(state_dir), args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                                        partial_restore=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding a run's checkpoint and config (inference, and a warm start from another run).
+# ---------------------------------------------------------------------------------------------------------------
+
+WHICH: tuple[str, ...] = ("best", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  """One checkpoint step on disk.
+
+  step_dir: `.../checkpoints/<step>`; step: its step number (None when the directory name is not a number);
+  which: how it was chosen ('best', 'last' or 'given'); config_path: the training config found beside it (or None).
+  """
+  step_dir: str
+  step: int | None
+  which: str
+  config_path: str | None
+
+  @property
+  def state_dir(self) -> str:
+    return os.path.join(self.step_dir, STATE_ITEM)
+
+
+def _best_step(manager: Checkpointer) -> int | None:
+  """The kept checkpoint with the highest validation score.
+
+  `Checkpointer.best_step` (scores stored with the checkpoints by Orbax) when it knows one; else the evaluation
+  history that training stores in the newest checkpoint's `extra` item, restricted to the kept steps and ranked by
+  `checkpoint.best_rank`. None when neither holds a score.
+  """
+  step = manager.best_step()
+  if step is not None:
+    return step
+  latest = manager.latest_step()
+  if latest is None:
+    return None
+  try:
+    extra = manager.restore_extra(latest)
+  except Exception as e:  # an unreadable `extra` only means no history: fall back to the last checkpoint.
+    logging.warning("cannot read the evaluation history of %s step %s: %s", manager.directory, latest, e)
+    return None
+  kept = set(manager.all_steps())
+  scored = [(h["step"], h["score"]) for h in (extra or {}).get("evals", [])
+            if isinstance(h, dict) and h.get("step") in kept and isinstance(h.get("score"), (int, float))]
+  return best_of(scored)
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+  return (path / STATE_ITEM).is_dir()
+
+
+def find_config(start: str | os.PathLike, levels: int = 4) -> str | None:
+  """The nearest `config.json` in `start` or one of its `levels` parent directories, or None."""
+  path = pathlib.Path(start).resolve()
+  for candidate in [path, *path.parents][:levels + 1]:
+    if (candidate / rundir.CONFIG_FILE).is_file():
+      return str(candidate / rundir.CONFIG_FILE)
+  return None
+
+
+def find_checkpoint(path: str | os.PathLike, *, which: str = "best", fold: int | None = None) -> CheckpointRef:
+  """Resolves a workdir, fold directory, checkpoints directory or step directory to one checkpoint step.
+
+  Args:
+    path: see the module docstring.
+    which: 'best' (highest validation score among the kept checkpoints; the newest when none carries a score, with
+      a warning) or 'last' (the newest). Ignored when `path` is a step directory.
+    fold: the fold of a workdir with several trained folds (required then; optional with one).
+  Raises:
+    CheckpointError: nothing usable at `path`, naming what was looked for.
+  """
+  if which not in WHICH:
+    raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
+  root = pathlib.Path(path).expanduser().resolve()
+  if not root.is_dir():
+    raise CheckpointError(f"checkpoint path {root} is not a directory")
+  if _is_step_dir(root):
+    step = int(root.name) if root.name.isdigit() else None
+    return CheckpointRef(str(root), step, "given", find_config(root))
+  checkpoints_dir = root
+  if (root / rundir.CHECKPOINTS_DIR).is_dir():
+    checkpoints_dir = root / rundir.CHECKPOINTS_DIR
+  else:
+    folds = rundir.trained_folds(root)
+    if folds:
+      if fold is None:
+        if len(folds) > 1:
+          raise CheckpointError(f"{root} holds the checkpoints of folds {list(folds)}: choose one with --fold")
+        fold = next(iter(folds))
+      if fold not in folds:
+        raise CheckpointError(f"{root} has no checkpoints for fold {fold} (folds with checkpoints: {list(folds)})")
+      checkpoints_dir = folds[fold] / rundir.CHECKPOINTS_DIR
+  steps = [p for p in checkpoints_dir.iterdir() if p.name.isdigit() and _is_step_dir(p)] if checkpoints_dir.is_dir() \
+      else []
+  if not steps:
+    raise CheckpointError(f"no checkpoint found in {root}: expected a training workdir (fold_K/checkpoints/<step>/), "
+                          "a fold directory, a checkpoints directory or a checkpoint step directory (holding state/)")
+  final = rundir.parse_fold_dir(checkpoints_dir.parent.name) == rundir.FINAL_FOLD
+  with Checkpointer(checkpoints_dir, read_only=True) as manager:
+    step = _best_step(manager) if which == "best" and not final else manager.latest_step()
+    latest = manager.latest_step()
+  chosen = "last" if final else which  # the run on every study evaluates nothing: its model is the last one
+  if step is None:
+    step, chosen = latest, "last"
+    logging.warning("no checkpoint in %s carries a validation score: using the last one (step %s)", checkpoints_dir,
+                    step)
+  if step is None:
+    raise CheckpointError(f"Orbax finds no complete checkpoint in {checkpoints_dir}")
+  step_dir = checkpoints_dir / str(step)
+  return CheckpointRef(str(step_dir), int(step), chosen, find_config(step_dir))

@@ -21,7 +21,7 @@ import tfds_spine
 from flax import nnx
 from ml_collections import config_dict
 
-from ccfnet_jax import losses, models, rundir
+from ccfnet_jax import decode, losses, models, rundir
 from ccfnet_jax.data.augment import AugmentConfig
 
 SCHEDULES = ("cosine_warm_restarts", "cosine", "constant")
@@ -71,17 +71,28 @@ def default_config() -> ml_collections.ConfigDict:
   # backbone. From scratch, 'kaiming' learns several times faster (docs/method.md#initialisation).
   config.model.backbone_init = "kaiming"
   config.model.pretrained = ""  # a torchvision ImageNet ResNet (.pth / .npz) copied into the backbone
+  # A run of the same model (workdir, fold dir, checkpoints dir or step dir, e.g. a phantom pretraining run): its
+  # newest checkpoint's parameters and BatchNorm statistics are the starting point (after `pretrained`); '' = none.
+  config.model.init_from = ""
   config.parallel_folds = False  # several folds: True trains them together in one jit program
   config.fold_batching = ""  # with parallel_folds: "vmap" or "unroll" ("": unroll on CPU, vmap on accelerators)
   config.mixed_precision = False  # True: bfloat16 compute, float32 parameters and optimizer state
 
   # Loss and augmentation.
   config.loss = "reference"  # 'reference' (as the reference code trains) or 'paper'
+  config.loss_weights = ml_collections.ConfigDict(dict(losses.LOSS_WEIGHTS))  # weight of each loss term
+  config.disease_region = "peak"  # reference loss: the BCE at the target 'peak' cell, or over the 'region' H >= 0.6
   config.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig.reference()))
   config.flip_tta = True  # evaluation with horizontal-flip test-time augmentation
   # True: before each evaluation, BatchNorm running statistics := mean statistics of the unaugmented training images
   # ("precise BN"; the reference keeps the running averages of the augmented ones: False).
   config.recalibrate_bn = False
+  # > 0 (e.g. 0.998): evaluation, the best checkpoint, predict and export use an exponential moving average of the
+  # weights and BatchNorm statistics (`ccfnet_jax.ema`); the trained weights are kept beside it to resume. 0 = off.
+  config.ema_decay = 0.0
+  config.tta = ml_collections.ConfigDict({"shift_cells": 0})  # shift TTA: +-N whole cells along each axis (0: off)
+  config.decode = "argmax"  # 'argmax' (11 independent maxima) or 'ordered' (top to bottom, decode.decode_ordered)
+  config.decode_top_k = 8  # candidate cells per object of the ordered decode
 
   # Optimisation.
   config.batch_size = 32  # global, over all devices and hosts
@@ -236,6 +247,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.loss not in losses.LOSSES:
     raise _fail("loss", config.loss, f"expected one of {sorted(losses.LOSSES)}")
   augment_config(config)
+  _validate_recipe(config)
 
   _positive(config, "batch_size", "learning_rate", "passes_per_epoch", "log_every_steps", "keep_checkpoints")
   _positive(config, "num_steps", "eval_every_steps", "checkpoint_every_steps", allow_none=True)
@@ -256,6 +268,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise _fail("warmup_steps", config.warmup_steps, f"must be less than num_steps ({config.num_steps})")
   if config.fold_batching not in FOLD_BATCHING:
     raise _fail("fold_batching", config.fold_batching, f"expected one of {FOLD_BATCHING}")
+
+
+def _validate_recipe(config: ml_collections.ConfigDict) -> None:
+  """The recipe options (docs/recipe.md): loss weights, disease region, EMA, shift TTA, decoder, warm start."""
+  try:
+    losses.check_weights(config.loss_weights)
+  except ValueError as e:
+    raise _fail("loss_weights", config.loss_weights.to_dict(), str(e)) from None
+  if config.disease_region not in losses.DISEASE_REGIONS:
+    raise _fail("disease_region", config.disease_region, f"expected one of {losses.DISEASE_REGIONS}")
+  decay = config.ema_decay
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+    raise _fail("ema_decay", decay, "must be in [0, 1) (0: no moving average)")
+  shift = config.tta.shift_cells
+  if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+    raise _fail("tta.shift_cells", shift, "must be an integer >= 0")
+  if config.decode not in decode.DECODERS:
+    raise _fail("decode", config.decode, f"expected one of {decode.DECODERS}")
+  top_k = config.decode_top_k
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    raise _fail("decode_top_k", top_k, "must be a positive integer")
+  init_from = config.model.init_from
+  if init_from and not os.path.isdir(os.path.expanduser(init_from)):
+    raise _fail("model.init_from", init_from, "no such directory (expected a training run or one of its "
+                "checkpoints)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

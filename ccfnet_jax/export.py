@@ -1,4 +1,4 @@
-"""Ships a trained model as a `jax.export` artifact: model (eval mode, weights inside) + flip TTA + decode.
+"""Ships a trained model as a `jax.export` artifact: model (eval mode, weights inside) + TTA + decode.
 
     python -m ccfnet_jax.export --workdir=runs/r18 --output=model.jaxexport [--which=best|last] [--fold=K]
         [--platforms=cpu,cuda]
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
   loaded = cli.load_model_from_flags(parallel.make_mesh(jax.devices()[:1]))
   ref = loaded.checkpoint
   described = config.describe_model(loaded.config)
-  exported = artifact.export_model(loaded.model, loaded.image_size, FLAGS.output, flip_tta=loaded.flip_tta,
+  exported = artifact.export_model(loaded.model, loaded.image_size, FLAGS.output, options=loaded.eval_options,
                                    platforms=FLAGS.platforms,
                                    extra={"checkpoint": ref.step_dir, "step": ref.step, "which": ref.which,
                                           "model": described})

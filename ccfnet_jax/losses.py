@@ -26,6 +26,10 @@ LOSS_WEIGHTS: Mapping[str, float] = {
 }
 """Weights of the loss terms (the reference's)."""
 
+DISEASE_REGIONS: tuple[str, ...] = ("peak", "region")
+"""Where the reference loss reads the disease logit: the target peak cell (the reference) or the paper's region
+{target heatmap >= 0.6} (docs/recipe.md#disease-region)."""
+
 REFERENCE_LABEL_COUNTS: Mapping[str, tuple[int, int]] = {"vertebra": (191, 814), "disc": (574, 632)}
 """(n_neg, n_pos) per group in the reference's training labels (its pos_weight; the golden vectors use it)."""
 
@@ -136,13 +140,48 @@ def _total(parts: dict[str, jnp.ndarray], weights: Mapping[str, float]) -> jnp.n
   return sum(weights[name] * value for name, value in parts.items())
 
 
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+  """`weights` as a dict of floats, after checking that it names exactly the terms of `LOSS_WEIGHTS`, each >= 0."""
+  weights = {name: float(value) for name, value in dict(weights).items()}
+  if set(weights) != set(LOSS_WEIGHTS):
+    raise ValueError(f"loss weights must name exactly the terms {sorted(LOSS_WEIGHTS)}, got {sorted(weights)}")
+  negative = {name: value for name, value in weights.items() if not value >= 0}
+  if negative:
+    raise ValueError(f"loss weights must be >= 0, got {negative}")
+  return weights
+
+
+def _peak_disease_terms(pred: Maps, targets: targets_lib.Targets, disease: jnp.ndarray, pos_weight: jnp.ndarray,
+                        present: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """bce_vertebra, bce_disc on the logit at each object's target peak cell, averaged over the known labels."""
+  known = ((disease >= 0) & present).astype(jnp.float32)  # [B, 11]
+  label = (disease > 0).astype(jnp.float32)
+  logit = decode.value_at_cell(pred.logits, targets.peak_cell)  # [B, 11]
+  bce = bce_with_logits(logit, label, _per_object_pos_weight(pos_weight)) * known
+  return {name: _safe_mean(jnp.sum(bce * group), jnp.sum(known * group))
+          for name, group in zip(("bce_vertebra", "bce_disc"), _group_masks())}
+
+
+def _region_disease_terms(pred: Maps, disease: jnp.ndarray, pos_weight: jnp.ndarray,
+                          mask: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """bce_vertebra, bce_disc at every cell of `mask [B, h, w, 11]` (float, present objects only), averaged over
+  those cells of the group whose object has a known label."""
+  known = (disease >= 0).astype(jnp.float32)[..., None, None, :]  # [B, 1, 1, 11]
+  label = (disease > 0).astype(jnp.float32)[..., None, None, :]
+  weight_map = mask * known
+  bce = bce_with_logits(pred.logits, label, _per_object_pos_weight(pos_weight)) * weight_map
+  return {name: _safe_mean(jnp.sum(bce * group), jnp.sum(weight_map * group))
+          for name, group in zip(("bce_vertebra", "bce_disc"), _group_masks())}
+
+
 def reference_loss(pred: Maps,
                    targets: targets_lib.Targets,
                    disease: jnp.ndarray,
                    pos_weight: Sequence[float] | jnp.ndarray = REFERENCE_POS_WEIGHT,
                    *,
                    mask_absent: bool = True,
-                   weights: Mapping[str, float] = LOSS_WEIGHTS) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+                   weights: Mapping[str, float] = LOSS_WEIGHTS,
+                   disease_region: str = "peak") -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """The loss as the reference code trains (docs/method.md#losses), the default.
 
   - heatmap: MSE over all positions `[B, h, w, 11]`;
@@ -160,17 +199,24 @@ def reference_loss(pred: Maps,
       positions" means the positions of present objects. False: the reference as coded (all B*h*w*11 positions).
       Identical when all points are present.
     weights: weight per term (default `LOSS_WEIGHTS`: 1, 2, 2, 0.001, 0.001).
+    disease_region: 'peak' (default, the reference): the BCE on the logit at the target peak cell; 'region': the
+      BCE at every cell of the paper's region {target heatmap >= 0.6}, averaged over those cells of the group (as
+      `paper_loss`), so each label trains the cells around its peak that evaluation may read.
   Returns:
     (total scalar, parts: dict of the unweighted scalar terms).
   """
+  if disease_region not in DISEASE_REGIONS:
+    raise ValueError(f"disease_region must be one of {DISEASE_REGIONS}, got {disease_region!r}")
   disease = jnp.asarray(disease)
   _check(pred, targets, disease)
-  return _reference_loss(pred, targets, disease, jnp.asarray(pos_weight, jnp.float32), dict(weights), mask_absent)
+  return _reference_loss(pred, targets, disease, jnp.asarray(pos_weight, jnp.float32), check_weights(weights),
+                         mask_absent, disease_region)
 
 
-@functools.partial(jax.jit, static_argnames=("mask_absent",))
+@functools.partial(jax.jit, static_argnames=("mask_absent", "disease_region"))
 def _reference_loss(pred: Maps, targets: targets_lib.Targets, disease: jnp.ndarray, pos_weight: jnp.ndarray,
-                    weights: dict[str, float], mask_absent: bool) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+                    weights: dict[str, float], mask_absent: bool,
+                    disease_region: str) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   present = targets.point_valid if mask_absent else jnp.ones_like(targets.point_valid)
   heatmap, n_positions = _heatmap_term(pred, targets, present)
   offset_mask = (targets.offset_mask & present[..., None, None, :]).astype(jnp.float32)
@@ -179,12 +225,11 @@ def _reference_loss(pred: Maps, targets: targets_lib.Targets, disease: jnp.ndarr
       "offset_y": _safe_mean(jnp.sum(smooth_l1(pred.offset_y, targets.maps.offset_y) * offset_mask), n_positions),
       "offset_x": _safe_mean(jnp.sum(smooth_l1(pred.offset_x, targets.maps.offset_x) * offset_mask), n_positions),
   }
-  known = ((disease >= 0) & present).astype(jnp.float32)  # [B, 11]
-  label = (disease > 0).astype(jnp.float32)
-  logit = decode.value_at_cell(pred.logits, targets.peak_cell)  # [B, 11]
-  bce = bce_with_logits(logit, label, _per_object_pos_weight(pos_weight)) * known
-  for name, group in zip(("bce_vertebra", "bce_disc"), _group_masks()):
-    parts[name] = _safe_mean(jnp.sum(bce * group), jnp.sum(known * group))
+  if disease_region == "peak":
+    parts.update(_peak_disease_terms(pred, targets, disease, pos_weight, present))
+  else:
+    region = targets_lib.heatmap_mask(targets.maps.heatmap, targets.point_valid, targets_lib.PAPER_MASK_THRESHOLD)
+    parts.update(_region_disease_terms(pred, disease, pos_weight, region.astype(jnp.float32)))
   return _total(parts, weights), parts
 
 
@@ -205,7 +250,7 @@ def paper_loss(pred: Maps,
   """
   disease = jnp.asarray(disease)
   _check(pred, targets, disease)
-  return _paper_loss(pred, targets, disease, jnp.asarray(pos_weight, jnp.float32), dict(weights))
+  return _paper_loss(pred, targets, disease, jnp.asarray(pos_weight, jnp.float32), check_weights(weights))
 
 
 @jax.jit
@@ -221,12 +266,7 @@ def _paper_loss(pred: Maps, targets: targets_lib.Targets, disease: jnp.ndarray, 
       "offset_y": _safe_mean(jnp.sum(smooth_l1(pred.offset_y, targets.maps.offset_y) * mask), n_masked),
       "offset_x": _safe_mean(jnp.sum(smooth_l1(pred.offset_x, targets.maps.offset_x) * mask), n_masked),
   }
-  known = ((disease >= 0) & present).astype(jnp.float32)[..., None, None, :]  # [B, 1, 1, 11]
-  label = (disease > 0).astype(jnp.float32)[..., None, None, :]
-  weight_map = mask * known
-  bce = bce_with_logits(pred.logits, label, _per_object_pos_weight(pos_weight)) * weight_map
-  for name, group in zip(("bce_vertebra", "bce_disc"), _group_masks()):
-    parts[name] = _safe_mean(jnp.sum(bce * group), jnp.sum(weight_map * group))
+  parts.update(_region_disease_terms(pred, disease, pos_weight, mask))
   return _total(parts, weights), parts
 
 

@@ -22,6 +22,11 @@ GROUPS: dict[str, tuple[int, ...]] = {"vertebra": VERTEBRA_INDICES, "disc": DISC
 
 INDEX: dict[str, int] = {name: i for i, name in enumerate(NAMES)}
 
+TOP_TO_BOTTOM: tuple[int, ...] = tuple(
+    INDEX[name] for pair in zip(DISCS, VERTEBRAE + ("",)) for name in pair if name)
+"""Channel indices in anatomical order, head to feet: T12-L1, L1, L1-L2, L2, ..., L5, L5-S1 (discs and vertebrae
+alternate)."""
+
 # Identifications seen in real annotation files that name one of our objects differently.
 ALIASES: dict[str, str] = {"T11-T12": "T12-L1"}
 

@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     rundir.check_writable(os.path.join(FLAGS.report, report.INDEX_NAME))
   cli.configure_devices((FLAGS.batch_size or predictor.DEFAULT_BATCH_SIZE,))
   loaded = cli.load_model_from_flags()
-  runner = predictor.Predictor(loaded.model, image_size=loaded.image_size, flip_tta=loaded.flip_tta,
+  runner = predictor.Predictor(loaded.model, image_size=loaded.image_size, options=loaded.eval_options,
                                batch_size=FLAGS.batch_size)
   print(f"model {config.describe_model(loaded.config)} from {loaded.checkpoint.step_dir} "
         f"({loaded.checkpoint.which}, step {loaded.checkpoint.step}); {loaded.image_size} px, "

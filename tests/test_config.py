@@ -9,7 +9,7 @@ import pytest
 
 import tiny_training
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import train
+from ccfnet_jax import forward, losses, train
 
 BAD_VALUES = [
     ("num_steps", 0, "positive"), ("num_steps", -5, "positive"), ("schedule", "linear", "cosine_warm_restarts"),
@@ -22,6 +22,9 @@ BAD_VALUES = [
     ("restart_epochs", 0.0, "positive"),
     ("warmup_steps", 50, "less than num_steps"), ("fold_batching", "pmap", "vmap"),
     ("model.backbone_init", "xavier", "kaiming"), ("phantom_studies", 2, "at least num_folds"),
+    ("loss_weights.bce_disc", -1.0, ">= 0"), ("disease_region", "everywhere", "peak"), ("ema_decay", 1.0, "[0, 1)"),
+    ("ema_decay", -0.5, "[0, 1)"), ("tta.shift_cells", -1, ">= 0"), ("decode", "beam", "ordered"),
+    ("decode_top_k", 0, "positive"), ("model.init_from", "/no/such/run", "no such directory"),
 ]
 
 
@@ -79,6 +82,22 @@ def test_an_older_run_config_gets_the_defaults_of_newer_fields(tmp_path):
     config_lib.load_run_config(path)
   with pytest.raises(config_lib.ConfigError, match="no such file"):
     config_lib.load_run_config(tmp_path / "missing.json")
+
+
+def test_an_older_run_config_gets_the_reference_recipe(tmp_path):
+  """A run written before the recipe options trains, evaluates and predicts as before: every option is off."""
+  values = json.loads(config_lib.to_json(config_lib.default_config()))
+  for name in ("loss_weights", "disease_region", "ema_decay", "tta", "decode", "decode_top_k"):
+    del values[name]
+  del values["model"]["init_from"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(values))
+  loaded, filled = config_lib.load_run_config(path)
+  assert "tta" in filled and "model.init_from" in filled
+  config_lib.validate(loaded)
+  assert dict(loaded.loss_weights) == dict(losses.LOSS_WEIGHTS) and loaded.disease_region == "peak"
+  assert loaded.ema_decay == 0.0 and loaded.model.init_from == ""
+  assert forward.eval_options(loaded) == forward.EvalOptions(flip_tta=True, shift_cells=0, decode="argmax")
 
 
 def test_model_changes_ignore_only_the_fields_that_do_not_change_the_model():

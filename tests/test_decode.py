@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccfnet_jax import coords, decode, targets
+from ccfnet_jax import coords, decode, objects, targets
 from ccfnet_jax.maps import Maps
 
 K = 11
@@ -139,3 +139,108 @@ def test_pure_modules_import_no_flax():
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not any(name.split(".")[0] == "flax" for name in names), module.__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ordered decode and shift TTA.
+# ---------------------------------------------------------------------------------------------------------------
+
+ORDER = list(objects.TOP_TO_BOTTOM)
+
+
+def _spine_maps(h=16, w=16, first_row=2, col=5, value=0.8):
+  """Heatmaps with each object's true peak one row below the previous one (anatomical order), zero offsets."""
+  heatmap = np.zeros((1, h, w, K), np.float32)
+  for position, channel in enumerate(ORDER):
+    heatmap[0, first_row + position, col, channel] = value
+  zeros = np.zeros_like(heatmap)
+  return heatmap, zeros
+
+
+def test_objects_top_to_bottom_alternate_discs_and_vertebrae():
+  names = [objects.NAMES[i] for i in ORDER]
+  assert names == ["T12-L1", "L1", "L1-L2", "L2", "L2-L3", "L3", "L3-L4", "L4", "L4-L5", "L5", "L5-S1"]
+
+
+def test_ordered_decode_respects_the_order_where_argmax_does_not():
+  heatmap, zeros = _spine_maps()
+  l3 = objects.INDEX["L3"]
+  heatmap[0, 2 + 8, 5, l3] = 0.9  # L3's maximum sits on L4-L5's row (below L4): argmax breaks the order
+  maps = Maps(heatmap, zeros, zeros, zeros)
+  argmax_rows = np.asarray(decode.decode(maps).cell)[0, ORDER, 0]
+  assert argmax_rows[ORDER.index(l3)] == 10 and not np.all(np.diff(argmax_rows) > 0)
+  ordered = decode.decode_ordered(maps, top_k=4)
+  rows = np.asarray(ordered.cell)[0, ORDER, 0]
+  np.testing.assert_array_equal(rows, 2 + np.arange(K))  # the lower-valued true peak is chosen for L3
+  np.testing.assert_allclose(np.asarray(ordered.peak)[0, l3], 0.8)
+  jitted = jax.jit(lambda m: decode.decode_ordered(m, 16, 4))(maps)
+  np.testing.assert_array_equal(np.asarray(jitted.cell), np.asarray(ordered.cell))
+
+
+def test_ordered_decode_keeps_two_levels_on_one_cell_only_in_order():
+  heatmap, zeros = _spine_maps()
+  l2, l2_l3 = objects.INDEX["L2"], objects.INDEX["L2-L3"]
+  row = 2 + ORDER.index(l2_l3)
+  heatmap[0, row, 5, l2] = 0.95  # L2 peaks on the cell of the disc below it
+  offset_y = zeros.copy()
+  maps = Maps(heatmap, offset_y, zeros, zeros)
+  assert np.asarray(decode.decode(maps).cell)[0, l2, 0] == row  # argmax: L2 and L2-L3 on one point
+  rows = np.asarray(decode.decode_ordered(maps, top_k=4).cell)[0, ORDER, 0]
+  np.testing.assert_array_equal(rows, 2 + np.arange(K))  # the point is L2-L3's; L2 goes back to its own cell
+  offset_y[0, row, 5, l2] = -0.4  # with its offset L2 sits 6.4 px above the disc's point: in order, kept
+  ordered = decode.decode_ordered(Maps(heatmap, offset_y, zeros, zeros), top_k=4)
+  assert np.asarray(ordered.cell)[0, l2, 0] == row == np.asarray(ordered.cell)[0, l2_l3, 0]
+  y = np.asarray(ordered.xy)[0, ORDER, 1]
+  assert np.all(np.diff(y) > 0)
+
+
+def test_ordered_decode_equals_argmax_when_argmax_is_ordered_and_falls_back_when_nothing_is():
+  rng = np.random.default_rng(3)
+  heatmap, zeros = _spine_maps()
+  heatmap = heatmap + rng.uniform(0, 0.3, heatmap.shape).astype(np.float32)  # clutter below every true peak
+  offsets = rng.uniform(-0.4, 0.4, heatmap.shape).astype(np.float32)
+  maps = Maps(heatmap, offsets, offsets[..., ::-1], rng.normal(size=heatmap.shape).astype(np.float32))
+  for field in decode.Decoded._fields:
+    np.testing.assert_array_equal(np.asarray(getattr(decode.decode_ordered(maps), field)),
+                                  np.asarray(getattr(decode.decode(maps), field)))
+  # every object's candidates on one row: no strictly ordered choice exists -> the argmaxes
+  flat = np.zeros((2, 4, 6, K), np.float32)
+  flat[:, 1, :, :] = rng.uniform(0.5, 1.0, (2, 6, K))
+  maps = Maps(flat, np.zeros_like(flat), np.zeros_like(flat), np.zeros_like(flat))
+  np.testing.assert_array_equal(np.asarray(decode.decode_ordered(maps, top_k=3).cell),
+                                np.asarray(decode.decode(maps).cell))
+  with pytest.raises(ValueError, match="top_k"):
+    decode.decode_ordered(maps, top_k=25)
+  with pytest.raises(ValueError, match="decode must be one of"):
+    decode.decode_with("beam", maps)
+
+
+def test_ordered_decode_over_leading_dims_is_per_image():
+  heatmap, zeros = _spine_maps()
+  broken = heatmap.copy()
+  broken[0, 12, 5, objects.INDEX["L1"]] = 0.9
+  batch = Maps(*(np.concatenate(pair) for pair in ((heatmap, broken), (zeros, zeros), (zeros, zeros),
+                                                    (zeros, zeros))))
+  out = decode.decode_ordered(batch, top_k=3)
+  for b in range(2):
+    single = decode.decode_ordered(Maps(*(m[b] for m in batch)), top_k=3)  # [h, w, 11], no batch dim
+    np.testing.assert_array_equal(np.asarray(out.cell)[b], np.asarray(single.cell))
+    np.testing.assert_array_equal(np.asarray(out.cell)[b, ORDER, 0], 2 + np.arange(K))
+
+
+def test_shift_image_and_unshift_maps_are_inverse_moves():
+  rng = np.random.default_rng(4)
+  image = rng.uniform(size=(2, 8, 12, 3)).astype(np.float32)
+  moved = np.asarray(decode.shift_image(image, 2, -3))
+  np.testing.assert_array_equal(moved[:, 2:, :9], image[:, :6, 3:])  # content at (y, x) is now at (y + 2, x - 3)
+  assert np.all(moved[:, :2] == 0) and np.all(moved[:, :, 9:] == 0)
+  maps = Maps(*(rng.normal(size=(2, 5, 6, K)).astype(np.float32) for _ in Maps._fields))
+  shifted = Maps(*(np.asarray(decode.shift_image(m, 1, 2)) for m in maps))  # the maps of a 1-row, 2-col move
+  back, seen = decode.unshift_maps(shifted, 1, 2)
+  seen = np.asarray(seen)[..., 0]
+  assert seen.shape == (5, 6) and seen[:4, :4].all() and not seen[4:].any() and not seen[:, 4:].any()
+  for a, b in zip(back, maps):
+    np.testing.assert_array_equal(np.asarray(a)[:, :4, :4], np.asarray(b)[:, :4, :4])
+  merged = decode.merge_views([(maps, np.ones((5, 6, 1), np.float32)), (back, seen[..., None])])
+  np.testing.assert_allclose(np.asarray(merged.heatmap), np.asarray(maps.heatmap), rtol=1e-6)  # equal views
+  assert decode.shift_views(0) == ((0, 0),) and len(set(decode.shift_views(2))) == 5

@@ -219,3 +219,53 @@ def test_golden_reference_loss(shared_dir, golden):
     for mask_absent in (True, False):
       total, _ = losses.reference_loss(pred, t, disease, pos_weight, mask_absent=mask_absent)
       np.testing.assert_allclose(float(total), float(io[f"loss_{case}_value"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_fn", [losses.reference_loss, losses.paper_loss])
+def test_each_weight_scales_its_own_term(loss_fn):
+  _, _, disease, t = _setup(seed=11)
+  pred = _perturbed(t, 0.3)
+  base_total, parts = loss_fn(pred, t, disease)
+  for name in losses.LOSS_WEIGHTS:
+    weights = dict(losses.LOSS_WEIGHTS)
+    weights[name] += 3.0
+    total, new_parts = loss_fn(pred, t, disease, weights=weights)
+    np.testing.assert_allclose(float(total) - float(base_total), 3.0 * float(parts[name]), rtol=1e-4, atol=1e-7)
+    for key in parts:
+      assert float(new_parts[key]) == float(parts[key])  # the parts are the unweighted terms
+  zero = dict.fromkeys(losses.LOSS_WEIGHTS, 0.0)
+  assert float(loss_fn(pred, t, disease, weights=zero)[0]) == 0.0
+  with pytest.raises(ValueError, match="exactly the terms"):
+    loss_fn(pred, t, disease, weights={"heatmap": 1.0})
+  with pytest.raises(ValueError, match=">= 0"):
+    loss_fn(pred, t, disease, weights={**losses.LOSS_WEIGHTS, "bce_disc": -1.0})
+
+
+def test_region_disease_term_averages_the_bce_over_the_paper_region():
+  """`disease_region='region'`: the reference loss's BCE is the paper's (same cells, same mean); its localisation
+  terms stay the reference's."""
+  _, _, disease, t = _setup(seed=12)
+  disease[0, 3] = -1  # one unknown label
+  pred = _perturbed(t, 0.3)
+  _, region = losses.reference_loss(pred, t, disease, (0.4, 1.7), disease_region="region")
+  _, peak = losses.reference_loss(pred, t, disease, (0.4, 1.7))
+  _, paper = losses.paper_loss(pred, t, disease, (0.4, 1.7))
+  for name in ("bce_vertebra", "bce_disc"):
+    np.testing.assert_allclose(float(region[name]), float(paper[name]), rtol=1e-6)
+    assert abs(float(region[name]) - float(peak[name])) > 1e-3  # random logits: the cells around the peak differ
+  for name in ("heatmap", "offset_y", "offset_x"):
+    assert float(region[name]) == float(peak[name])
+  # by hand for one group: softplus terms over the cells H >= 0.6 of the objects with a known label
+  mask = np.asarray(t.maps.heatmap) >= targets.PAPER_MASK_THRESHOLD
+  z = np.asarray(pred.logits)
+  total, count = 0.0, 0
+  for b in range(disease.shape[0]):
+    for k in objects.DISC_INDICES:
+      if disease[b, k] < 0:
+        continue
+      cells = z[b][..., k][mask[b][..., k]]
+      total += np.sum(1.7 * _softplus(-cells) if disease[b, k] > 0 else _softplus(cells))
+      count += cells.size
+  np.testing.assert_allclose(float(region["bce_disc"]), total / count, rtol=1e-5)
+  with pytest.raises(ValueError, match="disease_region"):
+    losses.reference_loss(pred, t, disease, disease_region="everywhere")

@@ -50,7 +50,7 @@ def run(tmp_path_factory):
   (studies_dir / "study_corrupt" / "image0.dcm").write_bytes(b"this is not a DICOM file")
 
   loaded = loading.load_model(workdir, which="last")
-  predictor = predictor_lib.Predictor(loaded.model, image_size=loaded.image_size, flip_tta=loaded.flip_tta,
+  predictor = predictor_lib.Predictor(loaded.model, image_size=loaded.image_size, options=loaded.eval_options,
                                       batch_size=BATCH)
   prediction_run = studies.predict_studies(predictor, studies_dir, annotations=annotation_path,
                                            overlays_dir=root / "overlays", progress=False)

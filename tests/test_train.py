@@ -21,7 +21,7 @@ import tiny_training
 from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import maps as maps_lib
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import logging_utils, losses, metrics, objects, parallel, rundir, schedules, targets, train
+from ccfnet_jax import forward, logging_utils, losses, metrics, objects, parallel, rundir, schedules, targets, train
 from ccfnet_jax.train import loop, results as results_lib, setup
 
 REPO = pathlib.Path(tiny_training.REPO)
@@ -213,7 +213,7 @@ def test_evaluation_maps_predictions_to_native_pixels_and_millimetres():
   model = _ConstantMaps(points_input, size)
   mesh = parallel.make_mesh()
   _, eval_graphdef, state = setup.init_state(model, 0.0)
-  jit_eval = loop.jit_eval_step(mesh, eval_graphdef, flip_tta=False)
+  jit_eval = loop.jit_eval_step(mesh, eval_graphdef, forward.EvalOptions(flip_tta=False))
   spacing = np.asarray([0.5, 0.8], np.float32)  # (row, col) mm
   gt_native = points_input * np.asarray([native[1] / size, native[0] / size], np.float32)  # x * W/S, y * H/S
 

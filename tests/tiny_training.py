@@ -123,7 +123,7 @@ def fake_record(index: int, native_hw: tuple[int, int] = (96, 80)) -> dict:
 def initial_state(config, key: int = 0):
   """(train graphdef, eval graphdef, TrainState) of `config`'s model initialised from `jax.random.key(key)`."""
   from ccfnet_jax.train import setup  # pylint: disable=g-import-not-at-top
-  return setup.init_state(setup.create_model(config, jax.random.key(key)), config.weight_decay)
+  return setup.init_state(setup.create_model(config, jax.random.key(key)), config.weight_decay, config.ema_decay)
 
 
 def jit_step(config, mesh, *, folds=(0,), pos_weight=(0.4, 0.9), key: int = 0, batching: str | None = None,
@@ -136,7 +136,7 @@ def jit_step(config, mesh, *, folds=(0,), pos_weight=(0.4, 0.9), key: int = 0, b
   from ccfnet_jax import parallel  # pylint: disable=g-import-not-at-top
   from ccfnet_jax.train import setup, steps  # pylint: disable=g-import-not-at-top
   model = setup.create_model(config, jax.random.key(key))
-  train_graphdef, eval_graphdef, state = setup.init_state(model, config.weight_decay)
+  train_graphdef, eval_graphdef, state = setup.init_state(model, config.weight_decay, config.ema_decay)
   rates = setup.learning_rates(config, num_steps, max(1, num_steps // 10), num_steps)
   args = steps.stack([steps.FoldArgs(np.int32(f), np.asarray(pos_weight, np.float32), rates) for f in folds])
   step = steps.jit_train_step(mesh, batching=batching or steps.default_fold_batching(mesh, len(folds)),

@@ -1,8 +1,8 @@
-"""Ships a trained model as a `jax.export` artifact: model (eval mode, weights inside) + flip TTA + decode.
+"""Ships a trained model as a `jax.export` artifact: model (eval mode, weights inside) + TTA + decode.
 
 Written by `python -m ccfnet_jax.export`: `model.jaxexport` (the serialized `jax.export.Exported`) and
-`model.jaxexport.json` (a small sidecar: format version, image size, output stride, object names, flip TTA,
-platforms, checkpoint). The artifact needs neither this
+`model.jaxexport.json` (a small sidecar: format version, image size, output stride, object names, the
+`forward.EvalOptions` (flip and shift TTA, decoder), platforms, checkpoint). The artifact needs neither this
 package nor Flax to run, only `jax` (of a version that reads the serialization):
 
     exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
@@ -19,6 +19,7 @@ input size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
 
 
-def inference_fn(model: nnx.Module, image_size: int, flip_tta: bool = True
+def inference_fn(model: nnx.Module, image_size: int, options: forward.EvalOptions = forward.EvalOptions()
                  ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
   """`f(images [B, S, S, 3]) -> (xy [B, 11, 2] input px, prob [B, 11])` with the model's weights closed over (host
   copies, so they become constants of the exported computation)."""
@@ -46,7 +47,7 @@ def inference_fn(model: nnx.Module, image_size: int, flip_tta: bool = True
 
   def f(images: jax.Array) -> tuple[jax.Array, jax.Array]:
     native_hw = jnp.broadcast_to(jnp.asarray([image_size, image_size], jnp.int32), (images.shape[0], 2))
-    pred = forward.predict_from_state(graphdef, params, batch_stats, images, native_hw, flip_tta=flip_tta)
+    pred = forward.predict_from_state(graphdef, params, batch_stats, images, native_hw, options)
     return pred.xy, pred.prob
 
   return f
@@ -56,29 +57,29 @@ def sidecar_path(path: str | os.PathLike) -> str:
   return os.fspath(path) + SIDECAR_SUFFIX
 
 
-def export_model(model: nnx.Module, image_size: int, path: str | os.PathLike, *, flip_tta: bool = True,
-                 platforms: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> jax.export.Exported:
-  """Exports model + flip TTA + decode with a symbolic batch size; writes `path` and `path.json`.
+def export_model(model: nnx.Module, image_size: int, path: str | os.PathLike, *,
+                 options: forward.EvalOptions = forward.EvalOptions(), platforms: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> jax.export.Exported:
+  """Exports model + test-time augmentation + decode with a symbolic batch size; writes `path` and `path.json`.
 
   Args:
     model: an NNX model with `.stride` (put in eval mode here).
     image_size: the square input size S the model was trained at.
     path: the artifact file to write.
-    flip_tta: average with the horizontally flipped pass (as evaluation does).
+    options: test-time augmentation and decoder, as the run evaluated (`LoadedModel.eval_options`).
     platforms: e.g. ('cpu', 'cuda', 'tpu'); default: the current backend only.
     extra: more fields for the sidecar (e.g. the checkpoint).
   Returns:
     The `jax.export.Exported`.
   """
   images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {image_size}, {image_size}, 3"), jnp.float32)
-  exported = jax.export.export(jax.jit(inference_fn(model, image_size, flip_tta)),
+  exported = jax.export.export(jax.jit(inference_fn(model, image_size, options)),
                                platforms=tuple(platforms) if platforms else None)(images)
   path = os.fspath(path)
   rundir.write_bytes(path, bytes(exported.serialize()))
   sidecar = {
       "format": FORMAT, "format_version": FORMAT_VERSION, "ccfnet_jax_version": __version__,
       "jax_version": jax.__version__, "image_size": int(image_size), "stride": int(model.stride),
-      "object_names": list(objects.NAMES), "flip_tta": bool(flip_tta), "platforms": list(exported.platforms),
+      "object_names": list(objects.NAMES), **dataclasses.asdict(options), "platforms": list(exported.platforms),
       "inputs": {"images": f"float32 [B, {image_size}, {image_size}, 3] in [0, 1]"},
       "outputs": {"xy": "float32 [B, 11, 2] (x, y) input px", "prob": "float32 [B, 11] disease probability"},
       **dict(extra or {}),

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,130 +29,19 @@ from flax import nnx
 
 from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import parallel, rundir
+from ccfnet_jax import forward, parallel, rundir
 
-WHICH: tuple[str, ...] = ("best", "last")
 RESTORED_GROUPS: tuple[str, ...] = ("params", "batch_stats")
 """The parts of the train state inference needs (the optimizer state and step are not read)."""
 
 
-class CheckpointError(checkpoint_lib.CheckpointError):
-  """No usable checkpoint or config at the given path."""
+CheckpointError = checkpoint_lib.CheckpointError
+CheckpointRef, WHICH = checkpoint_lib.CheckpointRef, checkpoint_lib.WHICH
+find_checkpoint, find_config = checkpoint_lib.find_checkpoint, checkpoint_lib.find_config
 
 
 class CheckpointMismatchError(CheckpointError):
   """The checkpoint's parameters do not fit the model that the config describes."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-  """One checkpoint step on disk.
-
-  step_dir: `.../checkpoints/<step>`; step: its step number (None when the directory name is not a number);
-  which: how it was chosen ('best', 'last' or 'given'); config_path: the training config found beside it (or None).
-  """
-  step_dir: str
-  step: int | None
-  which: str
-  config_path: str | None
-
-  @property
-  def state_dir(self) -> str:
-    return os.path.join(self.step_dir, checkpoint_lib.STATE_ITEM)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding the checkpoint and the config.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _best_step(manager: checkpoint_lib.Checkpointer) -> int | None:
-  """The kept checkpoint with the highest validation score.
-
-  `Checkpointer.best_step` (scores stored with the checkpoints by Orbax) when it knows one; else the evaluation
-  history that training stores in the newest checkpoint's `extra` item, restricted to the kept steps and ranked by
-  `checkpoint.best_rank`. None when neither holds a score.
-  """
-  step = manager.best_step()
-  if step is not None:
-    return step
-  latest = manager.latest_step()
-  if latest is None:
-    return None
-  try:
-    extra = manager.restore_extra(latest)
-  except Exception as e:  # an unreadable `extra` only means no history: fall back to the last checkpoint.
-    logging.warning("cannot read the evaluation history of %s step %s: %s", manager.directory, latest, e)
-    return None
-  kept = set(manager.all_steps())
-  scored = [(h["step"], h["score"]) for h in (extra or {}).get("evals", [])
-            if isinstance(h, dict) and h.get("step") in kept and isinstance(h.get("score"), (int, float))]
-  return checkpoint_lib.best_of(scored)
-
-
-def _is_step_dir(path: pathlib.Path) -> bool:
-  return (path / checkpoint_lib.STATE_ITEM).is_dir()
-
-
-def find_config(start: str | os.PathLike, levels: int = 4) -> str | None:
-  """The nearest `config.json` in `start` or one of its `levels` parent directories, or None."""
-  path = pathlib.Path(start).resolve()
-  for candidate in [path, *path.parents][:levels + 1]:
-    if (candidate / rundir.CONFIG_FILE).is_file():
-      return str(candidate / rundir.CONFIG_FILE)
-  return None
-
-
-def find_checkpoint(path: str | os.PathLike, *, which: str = "best", fold: int | None = None) -> CheckpointRef:
-  """Resolves a workdir, fold directory, checkpoints directory or step directory to one checkpoint step.
-
-  Args:
-    path: see the module docstring.
-    which: 'best' (highest validation score among the kept checkpoints; the newest when none carries a score, with
-      a warning) or 'last' (the newest). Ignored when `path` is a step directory.
-    fold: the fold of a workdir with several trained folds (required then; optional with one).
-  Raises:
-    CheckpointError: nothing usable at `path`, naming what was looked for.
-  """
-  if which not in WHICH:
-    raise CheckpointError(f"which must be one of {WHICH}, got {which!r}")
-  root = pathlib.Path(path).expanduser().resolve()
-  if not root.is_dir():
-    raise CheckpointError(f"checkpoint path {root} is not a directory")
-  if _is_step_dir(root):
-    step = int(root.name) if root.name.isdigit() else None
-    return CheckpointRef(str(root), step, "given", find_config(root))
-  checkpoints_dir = root
-  if (root / rundir.CHECKPOINTS_DIR).is_dir():
-    checkpoints_dir = root / rundir.CHECKPOINTS_DIR
-  else:
-    folds = rundir.trained_folds(root)
-    if folds:
-      if fold is None:
-        if len(folds) > 1:
-          raise CheckpointError(f"{root} holds the checkpoints of folds {list(folds)}: choose one with --fold")
-        fold = next(iter(folds))
-      if fold not in folds:
-        raise CheckpointError(f"{root} has no checkpoints for fold {fold} (folds with checkpoints: {list(folds)})")
-      checkpoints_dir = folds[fold] / rundir.CHECKPOINTS_DIR
-  steps = [p for p in checkpoints_dir.iterdir() if p.name.isdigit() and _is_step_dir(p)] if checkpoints_dir.is_dir() \
-      else []
-  if not steps:
-    raise CheckpointError(f"no checkpoint found in {root}: expected a training workdir (fold_K/checkpoints/<step>/), "
-                          "a fold directory, a checkpoints directory or a checkpoint step directory (holding state/)")
-  final = rundir.parse_fold_dir(checkpoints_dir.parent.name) == rundir.FINAL_FOLD
-  with checkpoint_lib.Checkpointer(checkpoints_dir, read_only=True) as manager:
-    step = _best_step(manager) if which == "best" and not final else manager.latest_step()
-    latest = manager.latest_step()
-  chosen = "last" if final else which  # the run on every study evaluates nothing: its model is the last one
-  if step is None:
-    step, chosen = latest, "last"
-    logging.warning("no checkpoint in %s carries a validation score: using the last one (step %s)", checkpoints_dir,
-                    step)
-  if step is None:
-    raise CheckpointError(f"Orbax finds no complete checkpoint in {checkpoints_dir}")
-  step_dir = checkpoints_dir / str(step)
-  return CheckpointRef(str(step_dir), int(step), chosen, find_config(step_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,18 +70,19 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def check_compatible(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
-                     where: str, model: str, max_listed: int = 3) -> None:
+                     where: str, model: str, max_listed: int = 3,
+                     groups: Sequence[str] = RESTORED_GROUPS) -> None:
   """Raises CheckpointMismatchError unless the two name -> shape tables agree.
 
   Args:
-    saved: shapes in the checkpoint (only names under `RESTORED_GROUPS` are compared).
+    saved: shapes in the checkpoint (only names under `groups`, default `RESTORED_GROUPS`, are compared).
     expected: shapes of the model built from the config.
     where: the checkpoint directory (for the message); model: the config's model (`config.describe_model`).
   """
   def params_first(names):  # stable: trainable parameters are listed before BatchNorm statistics
     return sorted(names, key=lambda name: name.split("/")[0] != "params")
 
-  saved = {k: v for k, v in saved.items() if k.split("/")[0] in RESTORED_GROUPS}
+  saved = {k: v for k, v in saved.items() if k.split("/")[0] in groups}
   differing = [f"{name}: checkpoint {saved[name]}, model {expected[name]}"
                for name in params_first(expected) if name in saved and saved[name] != expected[name]]
   missing = params_first([name for name in expected if name not in saved])
@@ -230,6 +119,8 @@ def restore_model(ref: CheckpointRef, config: ml_collections.ConfigDict,
                   mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
   """The model of `config` with the checkpoint's weights, in eval mode, replicated on `mesh` (default: all devices).
 
+  The weights are those the run evaluated: the moving averages when it kept them (`config.ema_decay` > 0).
+
   Raises:
     CheckpointMismatchError: the checkpoint's parameter names or shapes differ from the config's model.
     CheckpointError: the directory holds no readable checkpoint.
@@ -240,13 +131,15 @@ def restore_model(ref: CheckpointRef, config: ml_collections.ConfigDict,
   if jax.tree.leaves(rest):
     raise CheckpointError(f"the model {config_lib.describe_model(config)} has state other than Param / BatchStat")
   sharding = parallel.replicated_sharding(mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        {"params": params, "batch_stats": batch_stats})
+  averaged = float(config.get("ema_decay", 0.0)) > 0
+  target = checkpoint_lib.weights_target(*checkpoint_lib.abstract_like((params, batch_stats), sharding),
+                                         averaged=averaged)
   check_compatible(_saved_shapes(ref.state_dir), _shapes_by_name(target), where=ref.step_dir,
-                   model=config_lib.describe_model(config))
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = ocp.PyTreeCheckpointer().restore(
-      ref.state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+                   model=config_lib.describe_model(config),
+                   groups=(checkpoint_lib.EMA_KEY,) if averaged else RESTORED_GROUPS)
+  restored = checkpoint_lib.restore_weights(ref.state_dir, target)
+  if averaged:
+    restored = restored[checkpoint_lib.EMA_KEY]
   model = nnx.merge(graphdef, restored["params"], restored["batch_stats"])
   model.eval()
   return model
@@ -264,8 +157,9 @@ class LoadedModel:
     return int(self.config.image_size)
 
   @property
-  def flip_tta(self) -> bool:
-    return bool(self.config.get("flip_tta", True))
+  def eval_options(self) -> forward.EvalOptions:
+    """The test-time augmentation and decoder the run evaluated with, so prediction decodes as evaluation did."""
+    return forward.eval_options(self.config)
 
 
 def load_model(path: str | os.PathLike, *, config: ml_collections.ConfigDict | str | None = None,

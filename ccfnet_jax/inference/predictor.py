@@ -31,7 +31,7 @@ class Predictor:
   size `B` is the predictor's `batch_size`; returns numpy `pred_xy [B, 11, 2]` native px and `pred_prob [B, 11]`.
   """
 
-  def __init__(self, model: nnx.Module, *, image_size: int, flip_tta: bool = True,
+  def __init__(self, model: nnx.Module, *, image_size: int, options: forward.EvalOptions = forward.EvalOptions(),
                mesh: jax.sharding.Mesh | None = None, batch_size: int | None = None):
     self.mesh = parallel.make_mesh() if mesh is None else mesh
     self.image_size = int(image_size)
@@ -40,7 +40,7 @@ class Predictor:
     model.eval()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     self._weights = parallel.replicate((params, batch_stats), self.mesh)
-    self._predict = forward.jit_predict(graphdef, self.mesh, bool(flip_tta))
+    self._predict = forward.jit_predict(graphdef, self.mesh, options)
 
   def __call__(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     size = len(host_batch["image"])

@@ -209,4 +209,4 @@ def run_info(loaded: LoadedModel, predictor: predictor_lib.Predictor) -> dict[st
   ref = loaded.checkpoint
   return {"checkpoint": ref.step_dir, "step": ref.step, "which": ref.which, "config": ref.config_path,
           "model": config_lib.describe_model(loaded.config), "image_size": loaded.image_size,
-          "flip_tta": loaded.flip_tta, "batch_size": predictor.batch_size, "devices": jax.device_count()}
+          **dataclasses.asdict(loaded.eval_options), "batch_size": predictor.batch_size, "devices": jax.device_count()}

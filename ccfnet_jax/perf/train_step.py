@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ccfnet_jax import losses, objects, parallel
+from ccfnet_jax import forward, losses, objects, parallel
 from ccfnet_jax.train import loop, results, setup, steps
 from ccfnet_jax.perf import flops as flops_lib
 
@@ -134,7 +134,7 @@ def build_steps(config: ml_collections.ConfigDict, *, batch_size: int, image_siz
   jit_train = jax.jit(lambda s, b, a: steps.train_step(s, b, a, graphdef=train_graphdef, settings=settings),
                       in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated),
                       donate_argnums=0)
-  eval_step = loop.jit_eval_step(mesh, eval_graphdef, bool(config.flip_tta))
+  eval_step = loop.jit_eval_step(mesh, eval_graphdef, forward.eval_options(config))
   on_mesh = parallel.host_to_global(synthetic_batch(batch_size, image_size) if batch is None else batch, mesh)
   train_batch = {k: on_mesh[k] for k in TRAIN_KEYS}
   eval_batch = {k: on_mesh[k] for k in loop.EVAL_KEYS}

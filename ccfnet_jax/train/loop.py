@@ -58,17 +58,17 @@ def epoch_of(step: int, epoch_steps: int) -> float | int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _eval_step(params, batch_stats, batch, *, graphdef, flip_tta):
+def _eval_step(params, batch_stats, batch, *, graphdef, options):
   """`forward.predict_from_state` of a batch, with the batch's ground truth beside it (gathered on every host)."""
-  pred = forward.predict_from_state(graphdef, params, batch_stats, batch["image"], batch["native_hw"],
-                                    flip_tta=flip_tta)
+  pred = forward.predict_from_state(graphdef, params, batch_stats, batch["image"], batch["native_hw"], options)
   return {"pred_xy": pred.xy, "pred_prob": pred.prob, **{k: batch[k] for k in EVAL_KEYS[2:]}}
 
 
-def jit_eval_step(mesh: jax.sharding.Mesh, graphdef: Any, flip_tta: bool) -> Callable[..., dict[str, jax.Array]]:
+def jit_eval_step(mesh: jax.sharding.Mesh, graphdef: Any,
+                  options: forward.EvalOptions = forward.EvalOptions()) -> Callable[..., dict[str, jax.Array]]:
   replicated = parallel.replicated_sharding(mesh)
   return jax.jit(lambda params, batch_stats, batch: _eval_step(params, batch_stats, batch, graphdef=graphdef,
-                                                               flip_tta=flip_tta),
+                                                               options=options),
                  in_shardings=(replicated, replicated, parallel.data_sharding(mesh)), out_shardings=replicated)
 
 
@@ -80,8 +80,9 @@ def eval_batches(source: Sequence[Any], *, batch_size: int, image_size: int, mes
 
 
 def evaluate(eval_fn: Callable[..., dict[str, jax.Array]], state: steps.TrainState, batches) -> dict[str, float]:
-  """The paper's metrics (`metrics.evaluate`, in %) of `state` over evaluation batches (`eval_batches`)."""
-  outputs = [eval_fn(state.params, state.batch_stats, batch) for batch in batches]
+  """The paper's metrics (`metrics.evaluate`, in %) of `state` (its `steps.eval_weights`) over evaluation batches
+  (`eval_batches`)."""
+  outputs = [eval_fn(*steps.eval_weights(state), batch) for batch in batches]
   outputs = jax.device_get(outputs)  # the one host sync of an evaluation
   cat = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
   keep = cat["example_valid"].astype(bool)
@@ -195,8 +196,8 @@ def _train_group(config: ml_collections.ConfigDict, workdir: str, group: Sequenc
 
   folds, states = [], []
   for data in group:
-    _, _, state = setup.init_state(setup.initial_model(config, jax.random.fold_in(setup.fold_key(config, data.number),
-                                                                                   0), report), config.weight_decay)
+    model = setup.initial_model(config, jax.random.fold_in(setup.fold_key(config, data.number), 0), report)
+    _, _, state = setup.init_state(model, config.weight_decay, config.ema_decay)
     states.append(state)
     fold_dir = rundir.fold_dir(workdir, data.fold)
     args = steps.FoldArgs(fold=np.int32(data.number), pos_weight=np.asarray(data.pos_weight, np.float32),
@@ -268,8 +269,8 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
                                       "fold_batching": batching})
   replicated = parallel.replicated_sharding(mesh)
   take_fold = jax.jit(steps.unstack, static_argnums=1, out_shardings=replicated)
-  put_stats = jax.jit(lambda s, k, stats: s.replace(batch_stats=jax.tree.map(lambda a, b: a.at[k].set(b),
-                                                                             s.batch_stats, stats)),
+  put_stats = jax.jit(lambda s, k, stats: steps.with_eval_batch_stats(
+      s, jax.tree.map(lambda a, b: a.at[k].set(b), steps.eval_weights(s)[1], stats)),
                       static_argnums=1, out_shardings=replicated, donate_argnums=0)
   window: list[tuple[int, dict[str, jax.Array]]] = []
   evaluated = all(f.data.val_source is not None for f in folds)
@@ -311,10 +312,10 @@ def _loop(config: ml_collections.ConfigDict, folds: Sequence[_Fold], stacked: st
         started = time.perf_counter()
         if config.recalibrate_bn:
           stats = recalibrate.recalibrated_batch_stats(
-              state.params, state.batch_stats, pipeline.calibration_dataset(
+              *steps.eval_weights(state), pipeline.calibration_dataset(
                   fold.data.train_source, batch_size=config.batch_size, image_size=config.image_size,
                   options=options), graphdef=compiled.train_graphdef, mesh=mesh)
-          state = state.replace(batch_stats=stats)
+          state = steps.with_eval_batch_stats(state, stats)
           stacked = put_stats(stacked, i, stats)
         eval_metrics = evaluate(compiled.evaluate, state, fold.val_batches())
         fold.history.append({**eval_metrics, "epoch": epoch_of(step, epoch_steps), "step": step})
@@ -397,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                   settings=settings),
                        train_on_device=device_data.jit_train_step(mesh, batching=batching, graphdef=train_graphdef,
                                                                   settings=settings),
-                       evaluate=jit_eval_step(mesh, eval_graphdef, bool(config.flip_tta)),
+                       evaluate=jit_eval_step(mesh, eval_graphdef, forward.eval_options(config)),
                        train_graphdef=train_graphdef, schedule_length=schedule_length)
   for group in groups:
     _train_group(config, workdir, group, mesh=mesh, compiled=compiled, batching=batching, num_params=num_params)

@@ -16,7 +16,7 @@ import tfds_spine
 from flax import nnx
 
 from ccfnet_jax import config as config_lib
-from ccfnet_jax import convert, losses, rundir, schedules
+from ccfnet_jax import checkpoint, convert, losses, rundir, schedules
 from ccfnet_jax.data import records, subsets
 from ccfnet_jax.models import layers, resnet
 from ccfnet_jax.train import steps
@@ -117,10 +117,13 @@ def create_model(config: ml_collections.ConfigDict, key: jax.Array) -> nnx.Modul
 
 
 def initial_model(config: ml_collections.ConfigDict, key: jax.Array, report=print) -> nnx.Module:
-  """`create_model`, then `config.model.pretrained` (a torchvision ImageNet ResNet file) copied into the backbone.
+  """`create_model`, then `config.model.pretrained` (a torchvision ImageNet ResNet file) copied into the backbone,
+  then `config.model.init_from` (another run of the same model): its newest checkpoint's parameters and BatchNorm
+  statistics (the trained ones, not their moving averages) replace the model's; the optimizer starts afresh.
 
   Raises:
     convert.StateDictError: naming the file and every key or shape that does not fit the backbone.
+    checkpoint.CheckpointError: `init_from` holds no checkpoint.
   """
   model = create_model(config, key)
   path = config.model.get("pretrained", "")
@@ -128,6 +131,14 @@ def initial_model(config: ml_collections.ConfigDict, key: jax.Array, report=prin
     loaded = convert.load_torch_state_dict(model, os.path.expanduser(path), source="torchvision")
     report(f"backbone initialised from {path} ({len(loaded.loaded)} tensors; "
            f"{len(loaded.kept)} head variables keep their init)")
+  init_from = config.model.get("init_from", "")
+  if init_from:
+    ref = checkpoint.find_checkpoint(os.path.expanduser(init_from), which="last")
+    target = checkpoint.weights_target(nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat),
+                                       averaged=False)
+    restored = checkpoint.restore_weights(ref.state_dir, target)
+    nnx.update(model, restored["params"], restored["batch_stats"])
+    report(f"model initialised from {ref.step_dir} (parameters and BatchNorm statistics)")
   return model
 
 
@@ -136,8 +147,11 @@ def fold_key(config: ml_collections.ConfigDict, fold: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(config.seed), fold)
 
 
-def init_state(model: nnx.Module, weight_decay: float) -> tuple[nnx.GraphDef, nnx.GraphDef, steps.TrainState]:
+def init_state(model: nnx.Module, weight_decay: float, ema_decay: float = 0.0
+               ) -> tuple[nnx.GraphDef, nnx.GraphDef, steps.TrainState]:
   """Splits a model into (train-mode graphdef, eval-mode graphdef, initial TrainState). Leaves `model` in eval mode.
+
+  With `ema_decay` > 0 the state's moving averages start as a copy of the weights and BatchNorm statistics.
 
   Raises:
     ValueError: when the model holds variables other than `nnx.Param` and `nnx.BatchStat` (they would not be
@@ -150,12 +164,17 @@ def init_state(model: nnx.Module, weight_decay: float) -> tuple[nnx.GraphDef, nn
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   opt_state = steps.adamw(lambda count: 0.0, weight_decay).init(params)
+  averages = None
+  if ema_decay > 0:
+    averages = jax.tree.map(lambda x: jnp.array(x, copy=True), {"params": params, "batch_stats": batch_stats})
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                           opt_state=opt_state)
+                           opt_state=opt_state, ema=averages)
   return train_graphdef, eval_graphdef, state
 
 
 def step_settings(config: ml_collections.ConfigDict, stride: int) -> steps.StepSettings:
   return steps.StepSettings(image_size=int(config.image_size), stride=int(stride), loss=config.loss,
                             augment=config_lib.augment_config(config), seed=int(config.seed),
-                            weight_decay=float(config.weight_decay))
+                            weight_decay=float(config.weight_decay),
+                            loss_weights=tuple(losses.check_weights(config.loss_weights).items()),
+                            disease_region=str(config.disease_region), ema_decay=float(config.ema_decay))

@@ -10,6 +10,7 @@ augmentation key derives from (seed, fold, step), so a resumed run repeats an un
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from ccfnet_jax import losses, parallel, targets
+from ccfnet_jax import ema, losses, parallel, targets
 from ccfnet_jax.data import augment as augment_lib
 from ccfnet_jax.maps import Maps
 
@@ -34,13 +35,16 @@ class TrainState:
   """Everything a fold carries from step to step (a pytree; replicated on the mesh).
 
   step: int32 scalar, optimizer steps taken. params / batch_stats: the model's `nnx.Param` / `nnx.BatchStat`
-  variables (float32). opt_state: the optax state (float32).
+  variables (float32). opt_state: the optax state (float32). ema: None, or with `config.ema_decay` > 0
+  {'params', 'batch_stats'}: their moving averages (`ccfnet_jax.ema`), which evaluation, the best checkpoint and
+  inference use (saved under `checkpoint.EMA_KEY`); a state without them saves as before the option existed.
   """
 
   step: jax.Array
   params: nnx.State
   batch_stats: nnx.State
   opt_state: optax.OptState
+  ema: Any = None
 
 
 class FoldArgs(NamedTuple):
@@ -65,6 +69,32 @@ class StepSettings:
   augment: augment_lib.AugmentConfig | None
   seed: int
   weight_decay: float
+  loss_weights: tuple[tuple[str, float], ...] = tuple(losses.LOSS_WEIGHTS.items())
+  disease_region: str = "peak"  # the reference loss's disease BCE: 'peak' cell or 'region' (losses.DISEASE_REGIONS)
+  ema_decay: float = 0.0  # > 0: the state keeps moving averages of the weights (`TrainState.ema`)
+
+
+def eval_weights(state: TrainState) -> tuple[nnx.State, nnx.State]:
+  """(params, batch_stats) that evaluation uses: the moving averages when the state keeps them."""
+  if state.ema is not None:
+    return state.ema["params"], state.ema["batch_stats"]
+  return state.params, state.batch_stats
+
+
+def with_eval_batch_stats(state: TrainState, batch_stats: nnx.State) -> TrainState:
+  """`state` whose evaluated BatchNorm statistics (`eval_weights`) are `batch_stats` (e.g. recalibrated ones)."""
+  if state.ema is not None:
+    return state.replace(ema={**state.ema, "batch_stats": batch_stats})
+  return state.replace(batch_stats=batch_stats)
+
+
+def loss_function(settings: StepSettings) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """The loss of `settings` with its term weights (and, for the reference loss, its disease region; the paper's
+  loss always reads the region)."""
+  options: dict[str, Any] = {"weights": dict(settings.loss_weights)}
+  if settings.loss == "reference":
+    options["disease_region"] = settings.disease_region
+  return functools.partial(losses.LOSSES[settings.loss], **options)
 
 
 def adamw(learning_rate: Callable[[jax.Array], jax.Array], weight_decay: float) -> optax.GradientTransformation:
@@ -107,7 +137,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], args: FoldArgs
   image_hw = (settings.image_size, settings.image_size)
   target = targets.encode(batch["points_xy"], batch["point_valid"], image_hw, settings.stride,
                           disease=batch["disease"])
-  loss_fn = losses.LOSSES[settings.loss]
+  loss_fn = loss_function(settings)
 
   def objective(params):
     # copy=True: fresh Variables at this trace level (BatchNorm updates its statistics in place).
@@ -121,6 +151,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], args: FoldArgs
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  if settings.ema_decay > 0:
+    # The running BatchNorm statistics are averaged with the weights; config.recalibrate_bn recomputes them for the
+    # averaged weights before each evaluation.
+    new_state = new_state.replace(ema=ema.update(state.ema, {"params": params, "batch_stats": batch_stats},
+                                                 ema.decay_at(state.step, settings.ema_decay)))
   scalars = {"loss": loss, **parts, "learning_rate": rate_at(args.learning_rate, state.step),
              "grad_norm": optax.global_norm(grads)}
   return new_state, scalars
