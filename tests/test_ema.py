@@ -40,3 +40,17 @@ def test_warmup_decay_follows_the_step_count_then_the_cap():
 def test_decay_outside_the_unit_interval_is_refused(bad):
   with pytest.raises(ValueError, match="EMA decay"):
     ema.decay_at(0, bad)
+
+
+def test_turning_the_average_on_or_off_is_refused_on_resume_even_when_changes_are_allowed(tmp_path):
+  from ccfnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ccfnet_jax.train import loop  # pylint: disable=g-import-not-at-top
+  first = config_lib.default_config()
+  loop.check_run_config(first, str(tmp_path))  # the first launch writes config.json
+  with_ema = config_lib.default_config()
+  with_ema.ema_decay = 0.99
+  with pytest.raises(loop.ConfigChangedError, match="ema_decay"):
+    loop.check_run_config(with_ema, str(tmp_path), allow_change=True)
+  changed_lr = config_lib.default_config()
+  changed_lr.learning_rate = 1e-2
+  loop.check_run_config(changed_lr, str(tmp_path), allow_change=True)  # other changes stay allowed

@@ -354,6 +354,11 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: str, *, allow_c
   if not changes:
     return
   listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changes)
+  if (float(saved.get("ema_decay", 0.0)) > 0) != (float(config.get("ema_decay", 0.0)) > 0):
+    # The saved train states have (or lack) the EMA field: they could not be restored into the other structure.
+    raise ConfigChangedError(f"{workdir} was started with ema_decay={saved.get('ema_decay', 0.0)!r}; turning the "
+                             "weight average on or off changes what a checkpoint holds, so it cannot be resumed "
+                             "(not even with --allow_config_change). Use a fresh --workdir.")
   if not allow_change:
     raise ConfigChangedError(f"{workdir} was started with another config ({path}); resuming would mix two "
                              f"trainings. Differences: {listed}. Use a fresh --workdir, or pass "
