@@ -59,7 +59,8 @@ def test_paper_configs_have_the_spec_training_values(name, depth, msc, batch):
 
 def test_demo_and_quick_configs():
   demo = load("demo")
-  assert demo.dataset == "phantom" and demo.image_size == 256 and demo.model.msc and demo.model.depth == 18
+  assert demo.dataset == "phantom" and demo.model.msc and demo.model.depth == 18 and demo.phantom_dicom_studies > 0
+  assert demo.image_size % 128 == 0 and demo.eval_every_steps == demo.num_steps  # MSC sides; one evaluation
   quick = load("tianchi_quick")
   assert quick.dataset == "tianchi" and quick.image_size == 256 and quick.batch_size == 8
   assert quick.num_steps == 3000 and quick.schedule == "cosine" and quick.min_learning_rate == 5e-5
