@@ -13,6 +13,7 @@ self-contained HTML page with every study (`ccfnet_jax.inference.report`).
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import flags
@@ -54,7 +55,8 @@ def main(argv: list[str]) -> None:
         f"({loaded.checkpoint.which}, step {loaded.checkpoint.step}); {loaded.image_size} px, "
         f"batch {runner.batch_size} on {jax.device_count()} device(s)", flush=True)
   run = studies.predict_studies(runner, FLAGS.studies, annotations=FLAGS.annotations, overlays_dir=FLAGS.overlays,
-                                num_threads=FLAGS.num_threads, report_tiles=bool(FLAGS.report))
+                                num_threads=FLAGS.num_threads, report_tiles=bool(FLAGS.report),
+                                progress=sys.stderr.isatty())  # a bar at a terminal, none in logs
   output, sidecar = studies.write_outputs(run, FLAGS.output, studies.run_info(loaded, runner))
   print(f"predicted {len(run.predictions)} of {run.num_folders} studies -> {output}; "
         f"{len(run.failed.errors)} failed, {len(run.warnings)} warnings -> {sidecar}", flush=True)
