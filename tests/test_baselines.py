@@ -8,16 +8,17 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from ccfnet_jax import maps, train
+import tiny_training
+from ccfnet_jax import maps
 from ccfnet_jax.models import MODELS, create_model
 from ccfnet_jax.models.complexity import ROWS, count_params, paper_macs
 from ccfnet_jax.models.hrnet import HRNet
 from ccfnet_jax.models.scn import SCN
 from ccfnet_jax.models.simplebaseline import ConvTranspose, SimpleBaseline
+from ccfnet_jax.train import setup
 
 # --- Parameter counts derived by hand from the papers' architectures (not from our modules). ---
 
@@ -140,7 +141,7 @@ def config_models() -> dict[str, nnx.Module]:
     config = importlib.import_module(f"configs.{config_name}").get_config("fold=1,steps=3")
     assert (config.fold, config.num_steps) == ("1", 3)
     assert (config.model.name, config.model.depth, config.model.msc) == CONFIGS[config_name]
-    out[config_name] = nnx.eval_shape(lambda c=config: train.create_model(c, jax.random.key(0)))
+    out[config_name] = nnx.eval_shape(lambda c=config: setup.create_model(c, jax.random.key(0)))
   return out
 
 
@@ -255,17 +256,12 @@ def test_deconvolution_doubles_the_side():
 def test_train_step_at_stride_4_reduces_loss():
   size, batch_size = 64, 2
   model = SimpleBaseline(18, False, rngs=nnx.Rngs(0))
-  tx = optax.adam(1e-3)
-  train_graphdef, _, state = train.init_state(model, tx)
-  settings = train.StepSettings(image_size=size, stride=int(model.stride), loss="reference", pos_weight=(1.0, 1.0),
-                                augment=None, flip_tta=False, seed=0, fold=0)
+  step, state = tiny_training.model_step(model, size, 1e-3)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.uniform(size=(batch_size, size, size, 3)), jnp.float32),
            "points_xy": jnp.asarray(rng.uniform(8, size - 8, size=(batch_size, 11, 2)), jnp.float32),
            "point_valid": jnp.ones((batch_size, 11), bool),
            "disease": jnp.asarray(rng.integers(0, 2, size=(batch_size, 11)), jnp.int32)}
-  step = jax.jit(lambda s, b: train.train_step(s, b, graphdef=train_graphdef, tx=tx, schedule=lambda _: 1e-3,
-                                               settings=settings))
   losses = []
   for _ in range(3):
     state, scalars = step(state, batch)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from ccfnet_jax import train
+import tiny_training
 from ccfnet_jax.models import create_model, heads, layers
 from ccfnet_jax.models.scn import SCN
 
@@ -72,17 +71,12 @@ def test_22_channel_head_has_zero_offsets():
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(scn):
   size, batch_size = 64, 2
-  tx = optax.adam(3e-4)
-  train_graphdef, _, state = train.init_state(nnx.clone(scn), tx)
-  settings = train.StepSettings(image_size=size, stride=int(scn.stride), loss="reference", pos_weight=(1.0, 1.0),
-                                augment=None, flip_tta=False, seed=0, fold=0)
+  step, state = tiny_training.model_step(nnx.clone(scn), size, 3e-4)
   rng = np.random.default_rng(0)
   batch = {"image": _image(size, batch_size),
            "points_xy": jnp.asarray(rng.uniform(8, size - 8, size=(batch_size, 11, 2)), jnp.float32),
            "point_valid": jnp.ones((batch_size, 11), bool),
            "disease": jnp.asarray(rng.integers(0, 2, size=(batch_size, 11)), jnp.int32)}
-  step = jax.jit(lambda s, b: train.train_step(s, b, graphdef=train_graphdef, tx=tx, schedule=lambda _: 3e-4,
-                                               settings=settings))
 
   def spatial_kernel(s):
     return np.asarray(jax.tree.leaves(s.params["spatial_out"]["kernel"])[0])

@@ -145,6 +145,17 @@ def jit_step(config, mesh, *, folds=(0,), pos_weight=(0.4, 0.9), key: int = 0, b
   return step, states, parallel.replicate(args, mesh), eval_graphdef
 
 
+def model_step(model, image_size: int, learning_rate: float):
+  """(jitted step(state, batch) of one fold, initial TrainState) for any model at a constant rate, no
+  augmentation, pos_weight 1: the training step the run uses, for models built outside a config."""
+  from ccfnet_jax.train import setup, steps  # pylint: disable=g-import-not-at-top
+  train_graphdef, _, state = setup.init_state(model, 0.0)
+  settings = steps.StepSettings(image_size=image_size, stride=int(model.stride), loss="reference", augment=None,
+                                seed=0, weight_decay=0.0)
+  args = steps.FoldArgs(jnp.int32(0), jnp.ones(2, jnp.float32), jnp.full((8,), learning_rate, jnp.float32))
+  return jax.jit(lambda s, b: steps.train_step(s, b, args, graphdef=train_graphdef, settings=settings)), state
+
+
 def stacked_global(host_batches, mesh):
   """Host batches of the folds -> one stacked global batch `[F, B, ...]`."""
   from ccfnet_jax import parallel  # pylint: disable=g-import-not-at-top
