@@ -76,8 +76,10 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def side_by_side(name: str, batch: int, dtype: str, sizes: Sizes, device: str, matmul_rate: float | None,
-                 emit: Callable[..., dict[str, Any]]) -> dict[str, float] | None:
-  """Ours and the twin's images/s at one setting (None when it does not fit in memory)."""
+                 emit: Callable[..., dict[str, Any]], record: Callable[[dict[str, Any]], Any]
+                 ) -> dict[str, float] | None:
+  """Ours and the twin's images/s at one setting (None when it does not fit in memory). `emit` prints and keeps a
+  new line, `record` keeps one already printed (the side-by-side's own)."""
   from benchmarks import compare_torch  # pylint: disable=g-import-not-at-top  (torch is needed from here on)
 
   try:
@@ -89,6 +91,8 @@ def side_by_side(name: str, batch: int, dtype: str, sizes: Sizes, device: str, m
       raise
     emit("out_of_memory", batch, "batch", {"model": name, "dtype": dtype}, error=str(e).splitlines()[0][:200])
     return None
+  for line in lines:
+    record(line)
   ratio = next(line for line in lines if line["metric"] == "jax_over_torch")
   result = {"jax": ratio["jax_images_per_s"], "torch": ratio["torch_images_per_s"], "ratio": ratio["value"]}
   if matmul_rate and pair.setup.flops:
@@ -142,10 +146,12 @@ def projected_hours(images_per_s: float, batch: int) -> float:
 def run(sizes: Sizes, *, models: Sequence[str], budget_s: float, device: str, output: str = "") -> list[dict]:
   lines: list[dict[str, Any]] = []
 
-  def emit(metric, value, unit, context, **extra):
-    line = timing.emit(metric, value, unit, context, **extra)
+  def record(line):
     lines.append(line)
     return line
+
+  def emit(metric, value, unit, context, **extra):
+    return record(timing.emit(metric, value, unit, context, **extra))
 
   budget = Budget(budget_s)
   import jax  # pylint: disable=g-import-not-at-top
@@ -164,7 +170,7 @@ def run(sizes: Sizes, *, models: Sequence[str], budget_s: float, device: str, ou
       if not budget.allows(60):
         emit("skipped", 0, "", {"model": name, "dtype": dtype, "what": "side by side at the paper's batch"})
         continue
-      result = side_by_side(name, paper_batch, dtype, sizes, device, rates[dtype], emit)
+      result = side_by_side(name, paper_batch, dtype, sizes, device, rates[dtype], emit, record)
       if result:
         table.append((name, dtype, paper_batch, "paper", result))
     best = next((r for r in table if r[0] == name and r[1] == "bfloat16"), None)
@@ -173,7 +179,7 @@ def run(sizes: Sizes, *, models: Sequence[str], budget_s: float, device: str, ou
       batch *= 2
       if best is None or not budget.allows(90):
         break
-      result = side_by_side(name, batch, "bfloat16", sizes, device, rates["bfloat16"], emit)
+      result = side_by_side(name, batch, "bfloat16", sizes, device, rates["bfloat16"], emit, record)
       if result is None or result["jax"] <= best[4]["jax"] * 1.02:
         if result:
           table.append((name, "bfloat16", batch, "search", result))
