@@ -196,10 +196,73 @@ def _empty_fields_not_saved(abstract_state: Any, state_dir: str) -> set[str]:
   empty = {f.name for f in dataclasses.fields(abstract_state) if getattr(abstract_state, f.name) is None}
   if not empty:
     return set()
-  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-  saved = getattr(metadata, "item_metadata", metadata)
+  saved = saved_tree(state_dir)
   saved_names = set(saved.keys()) if hasattr(saved, "keys") else set()
   return empty - saved_names
+
+
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint's parameters do not fit the model they are restored into."""
+
+
+def saved_tree(state_dir: str | os.PathLike) -> Any:
+  """The saved `state` item's tree of array metadata (shapes, dtypes), read without loading any array."""
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(os.fspath(state_dir))
+  except Exception as e:  # Orbax raises several types for a directory that is not a checkpoint.
+    raise CheckpointError(f"cannot read the checkpoint metadata in {state_dir}: {type(e).__name__}: {e}") from e
+  return getattr(metadata, "item_metadata", metadata)
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'params/backbone/conv1/kernel' -> shape for every array leaf (a trailing 'value' of NNX Variables dropped)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [_key_name(k) for k in path]
+    if names and names[-1] == "value":
+      names = names[:-1]
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out["/".join(names)] = tuple(int(s) for s in shape)
+  return out
+
+
+def check_compatible(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
+                     where: str, model: str, groups: Sequence[str], max_listed: int = 3) -> None:
+  """Raises CheckpointMismatchError unless the two name -> shape tables agree on the names under `groups`.
+
+  Args:
+    saved: shapes in the checkpoint; expected: shapes of the model restored into.
+    where: the checkpoint directory and model: a description of the model (both for the message).
+  """
+  def params_first(names):  # stable: trainable parameters are listed before BatchNorm statistics
+    return sorted(names, key=lambda name: "params" not in name.split("/")[:2])
+
+  saved = {k: v for k, v in saved.items() if k.split("/")[0] in groups}
+  differing = [f"{name}: checkpoint {saved[name]}, model {expected[name]}"
+               for name in params_first(expected) if name in saved and saved[name] != expected[name]]
+  missing = params_first([name for name in expected if name not in saved])
+  unexpected = params_first([name for name in saved if name not in expected])
+  if not (differing or missing or unexpected):
+    return
+  problems = []
+  if differing:
+    problems.append(f"{len(differing)} shape mismatch(es), e.g. " + "; ".join(differing[:max_listed]))
+  if missing:
+    problems.append(f"{len(missing)} model parameter(s) absent from the checkpoint, e.g. "
+                    + ", ".join(missing[:max_listed]))
+  if unexpected:
+    problems.append(f"{len(unexpected)} checkpoint parameter(s) the model does not have, e.g. "
+                    + ", ".join(unexpected[:max_listed]))
+  raise CheckpointMismatchError(f"checkpoint {where} does not fit the model ({model}): " + " | ".join(problems)
+                                + ". Use the config the checkpoint was trained with, or a checkpoint of this model.")
 
 
 def weights_target(params: Any, batch_stats: Any, *, averaged: bool) -> dict[str, Any]:
@@ -209,10 +272,24 @@ def weights_target(params: Any, batch_stats: Any, *, averaged: bool) -> dict[str
   return {EMA_KEY: weights} if averaged else weights
 
 
-def restore_weights(state_dir: str | os.PathLike, target: Mapping[str, Any]) -> Any:
+def restore_weights(state_dir: str | os.PathLike, target: Mapping[str, Any], *, model: str,
+                    where: str | None = None) -> Any:
   """Reads only the parts of a saved train state that `target` names (e.g. `weights_target`) from `state_dir` (a
   step's `state` item), with `target`'s structure, shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s or
-  arrays); the optimizer state is not read."""
+  arrays); the optimizer state is not read.
+
+  Every name and shape under `target`'s top-level keys is first compared with the checkpoint's metadata, so a
+  checkpoint of another model is refused before anything is read.
+
+  Raises:
+    CheckpointMismatchError: naming `where` (default `state_dir`), `model` and the first differing parameters.
+    CheckpointError: `state_dir` holds no readable checkpoint or no arrays.
+  """
+  saved = shapes_by_name(saved_tree(state_dir))
+  if not saved:
+    raise CheckpointError(f"the checkpoint in {state_dir} holds no arrays")
+  check_compatible(saved, shapes_by_name(dict(target)), where=os.fspath(where or state_dir), model=model,
+                   groups=tuple(target))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                           dict(target))
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)

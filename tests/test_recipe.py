@@ -149,6 +149,13 @@ def test_a_run_with_ema_predicts_with_its_averages_and_starts_another(tmp_path, 
       np.testing.assert_array_equal(a, b)
   with pytest.raises(checkpoint_lib.CheckpointError, match="no checkpoint"):
     setup.initial_model(tiny_training.tiny_config(**{"model.init_from": str(tmp_path)}), jax.random.key(0))
+  # a warm start from another model's run is refused before anything is read, naming the parameters
+  other = tiny_training.tiny_config(**{"model.init_from": str(tmp_path / "phantom"), "model.name": "ccfnet",
+                                       "model.depth": 18})
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError) as error:
+    setup.initial_model(other, jax.random.key(0), report=lambda _: None)
+  assert "ccfnet depth=18" in str(error.value) and "params/backbone/conv1/kernel" in str(error.value)
+  assert str(tmp_path / "phantom" / "fold_0" / "checkpoints") in str(error.value)
 
 
 class _PooledImage(nnx.Module):

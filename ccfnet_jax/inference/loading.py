@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -31,88 +28,15 @@ from ccfnet_jax import checkpoint as checkpoint_lib
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import forward, parallel, rundir
 
-RESTORED_GROUPS: tuple[str, ...] = ("params", "batch_stats")
-"""The parts of the train state inference needs (the optimizer state and step are not read)."""
-
-
 CheckpointError = checkpoint_lib.CheckpointError
 CheckpointRef, WHICH = checkpoint_lib.CheckpointRef, checkpoint_lib.WHICH
 find_checkpoint, find_config = checkpoint_lib.find_checkpoint, checkpoint_lib.find_config
-
-
-class CheckpointMismatchError(CheckpointError):
-  """The checkpoint's parameters do not fit the model that the config describes."""
+CheckpointMismatchError = checkpoint_lib.CheckpointMismatchError
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Restoring.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
-  """'params/backbone/conv1/kernel' -> shape for every array leaf (a trailing 'value' of NNX Variables dropped)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in path]
-    if names and names[-1] == "value":
-      names = names[:-1]
-    shape = getattr(leaf, "shape", None)
-    if shape is not None:
-      out["/".join(names)] = tuple(int(s) for s in shape)
-  return out
-
-
-def check_compatible(saved: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
-                     where: str, model: str, max_listed: int = 3,
-                     groups: Sequence[str] = RESTORED_GROUPS) -> None:
-  """Raises CheckpointMismatchError unless the two name -> shape tables agree.
-
-  Args:
-    saved: shapes in the checkpoint (only names under `groups`, default `RESTORED_GROUPS`, are compared).
-    expected: shapes of the model built from the config.
-    where: the checkpoint directory (for the message); model: the config's model (`config.describe_model`).
-  """
-  def params_first(names):  # stable: trainable parameters are listed before BatchNorm statistics
-    return sorted(names, key=lambda name: name.split("/")[0] != "params")
-
-  saved = {k: v for k, v in saved.items() if k.split("/")[0] in groups}
-  differing = [f"{name}: checkpoint {saved[name]}, model {expected[name]}"
-               for name in params_first(expected) if name in saved and saved[name] != expected[name]]
-  missing = params_first([name for name in expected if name not in saved])
-  unexpected = params_first([name for name in saved if name not in expected])
-  if not (differing or missing or unexpected):
-    return
-  problems = []
-  if differing:
-    problems.append(f"{len(differing)} shape mismatch(es), e.g. " + "; ".join(differing[:max_listed]))
-  if missing:
-    problems.append(f"{len(missing)} model parameter(s) absent from the checkpoint, e.g. "
-                    + ", ".join(missing[:max_listed]))
-  if unexpected:
-    problems.append(f"{len(unexpected)} checkpoint parameter(s) the model does not have, e.g. "
-                    + ", ".join(unexpected[:max_listed]))
-  raise CheckpointMismatchError(f"checkpoint {where} does not fit the model of the config ({model}): "
-                                + " | ".join(problems) + ". Pass the config the checkpoint was trained with "
-                                "(--config) or the matching checkpoint.")
-
-
-def _saved_shapes(state_dir: str) -> dict[str, tuple[int, ...]]:
-  try:
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-  except Exception as e:  # Orbax raises several types for a directory that is not a checkpoint.
-    raise CheckpointError(f"cannot read the checkpoint metadata in {state_dir}: {type(e).__name__}: {e}") from e
-  tree = getattr(metadata, "item_metadata", metadata)
-  shapes = _shapes_by_name(tree)
-  if not shapes:
-    raise CheckpointError(f"the checkpoint in {state_dir} holds no arrays")
-  return shapes
 
 
 def restore_model(ref: CheckpointRef, config: ml_collections.ConfigDict,
@@ -134,10 +58,8 @@ def restore_model(ref: CheckpointRef, config: ml_collections.ConfigDict,
   averaged = float(config.get("ema_decay", 0.0)) > 0
   target = checkpoint_lib.weights_target(*checkpoint_lib.abstract_like((params, batch_stats), sharding),
                                          averaged=averaged)
-  check_compatible(_saved_shapes(ref.state_dir), _shapes_by_name(target), where=ref.step_dir,
-                   model=config_lib.describe_model(config),
-                   groups=(checkpoint_lib.EMA_KEY,) if averaged else RESTORED_GROUPS)
-  restored = checkpoint_lib.restore_weights(ref.state_dir, target)
+  restored = checkpoint_lib.restore_weights(ref.state_dir, target, where=ref.step_dir,
+                                            model=config_lib.describe_model(config))
   if averaged:
     restored = restored[checkpoint_lib.EMA_KEY]
   model = nnx.merge(graphdef, restored["params"], restored["batch_stats"])

@@ -136,7 +136,8 @@ def initial_model(config: ml_collections.ConfigDict, key: jax.Array, report=prin
     ref = checkpoint.find_checkpoint(os.path.expanduser(init_from), which="last")
     target = checkpoint.weights_target(nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat),
                                        averaged=False)
-    restored = checkpoint.restore_weights(ref.state_dir, target)
+    restored = checkpoint.restore_weights(ref.state_dir, target, where=ref.step_dir,
+                                          model=config_lib.describe_model(config))
     nnx.update(model, restored["params"], restored["batch_stats"])
     report(f"model initialised from {ref.step_dir} (parameters and BatchNorm statistics)")
   return model
