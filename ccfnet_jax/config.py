@@ -295,6 +295,24 @@ def _validate_recipe(config: ml_collections.ConfigDict) -> None:
                 "checkpoints)")
 
 
+def check_against_model(config: ml_collections.ConfigDict, stride: int) -> None:
+  """The checks that need the model's output stride: the maps of an `image_size` input are `image_size / stride`
+  cells a side, so a shift TTA view must still overlap the image and the ordered decode can have at most that
+  many squared candidates. Called once the model is built, before any step runs.
+
+  Raises:
+    ConfigError: naming the field, its value and the bound.
+  """
+  side = int(config.image_size) // int(stride)
+  shift = int(config.tta.shift_cells)
+  if shift >= side:
+    raise _fail("tta.shift_cells", shift, f"must be less than the maps' side ({side} cells = image_size "
+                f"{config.image_size} / stride {stride}): a view moved that far no longer overlaps the image")
+  if config.decode == "ordered" and config.decode_top_k > side * side:
+    raise _fail("decode_top_k", config.decode_top_k, f"must be at most the maps' {side} x {side} = {side * side} "
+                f"cells (image_size {config.image_size} / stride {stride})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A run's config on disk.
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import tiny_training
+from test_train import phantom_data_dir  # noqa: F401  (fixture)
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import forward, losses, train
 
@@ -51,6 +52,32 @@ def test_a_bad_value_is_refused_naming_field_value_and_what_is_allowed(field, va
   message = str(error.value)
   assert field.split(".")[-1] in message and allowed in message, message
   assert not (tmp_path / "tfds").exists()  # refused before any data set was opened or built
+
+
+def test_shift_and_candidates_are_bounded_by_the_models_maps():
+  """At 256 px and stride 16 the maps are 16 x 16 cells: a shift of 16 cells sees nothing of the image, and the
+  ordered decode has 256 cells to choose from."""
+  config = tiny_training.tiny_config(image_size=256)
+  config.tta.shift_cells = 15
+  config.decode, config.decode_top_k = "ordered", 256
+  config_lib.check_against_model(config, stride=16)  # the largest values that fit
+  config.tta.shift_cells = 16
+  with pytest.raises(config_lib.ConfigError, match=r"tta.shift_cells.*16 cells = image_size 256 / stride 16"):
+    config_lib.check_against_model(config, stride=16)
+  config.tta.shift_cells = 3
+  config_lib.check_against_model(config, stride=4)  # 64 x 64 cells at stride 4
+  config.decode_top_k = 257
+  with pytest.raises(config_lib.ConfigError, match=r"decode_top_k.*16 x 16 = 256"):
+    config_lib.check_against_model(config, stride=16)
+  config.decode = "argmax"  # the argmax decode has no candidates to bound
+  config_lib.check_against_model(config, stride=16)
+
+
+def test_run_refuses_a_shift_the_maps_cannot_take_before_training(tmp_path, phantom_data_dir):  # noqa: F811
+  config = tiny_training.tiny_config(data_dir=phantom_data_dir, **{"tta.shift_cells": 99})
+  with pytest.raises(config_lib.ConfigError, match="tta.shift_cells"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not list((tmp_path / "run").glob("fold_*/checkpoints/*"))
 
 
 def test_tianchi_needs_an_existing_manual_dir(tmp_path):

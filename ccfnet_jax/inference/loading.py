@@ -51,6 +51,7 @@ def restore_model(ref: CheckpointRef, config: ml_collections.ConfigDict,
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   abstract_model = nnx.eval_shape(lambda: config_lib.build_model(config, jax.random.key(0)))
+  config_lib.check_against_model(config, abstract_model.stride)
   graphdef, params, batch_stats, rest = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
   if jax.tree.leaves(rest):
     raise CheckpointError(f"the model {config_lib.describe_model(config)} has state other than Param / BatchStat")

@@ -395,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   schedule_length = max(setup.total_steps(config, max(setup.steps_per_epoch(config, len(d.train_source))
                                                       for d in group)) for group in groups)
   model = setup.create_model(config, setup.fold_key(config, data[0].number))
+  config_lib.check_against_model(config, model.stride)
   num_params = complexity.count_params(model)
   train_graphdef, eval_graphdef, _ = setup.init_state(model, config.weight_decay)
   settings = setup.step_settings(config, model.stride)
