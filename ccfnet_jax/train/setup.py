@@ -108,7 +108,8 @@ def create_model(config: ml_collections.ConfigDict, key: jax.Array) -> nnx.Modul
   """The model of `config.model` at its initialisation, bf16 compute when `config.mixed_precision`."""
   model = config_lib.build_model(config, key)
   if config.model.get("backbone_init", "kaiming") == "kaiming":
-    # Every ResNet of the model (SCN has two); a model without one (HRNet) is redrawn whole.
+    # Every ResNet of the model (SCN has two); a model without one (HRNet) is redrawn whole. The first keeps
+    # fold_in(key, 1) itself so single-backbone models draw the weights they always have (runs stay reproducible).
     backbones = [m for _, m in nnx.iter_graph(model) if isinstance(m, resnet.ResNet)] or [model]
     for i, backbone in enumerate(backbones):
       layers.reinitialize_convs(backbone, jax.random.fold_in(key, 1) if i == 0 else
