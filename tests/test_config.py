@@ -8,7 +8,6 @@ import json
 import pytest
 
 import tiny_training
-from test_train import phantom_data_dir  # noqa: F401  (fixture)
 from ccfnet_jax import config as config_lib
 from ccfnet_jax import forward, losses, train
 
@@ -73,11 +72,12 @@ def test_shift_and_candidates_are_bounded_by_the_models_maps():
   config_lib.check_against_model(config, stride=16)
 
 
-def test_run_refuses_a_shift_the_maps_cannot_take_before_training(tmp_path, phantom_data_dir):  # noqa: F811
-  config = tiny_training.tiny_config(data_dir=phantom_data_dir, **{"tta.shift_cells": 99})
+def test_run_refuses_a_shift_the_maps_cannot_take_before_any_data(tmp_path):
+  config = tiny_training.tiny_config(data_dir=str(tmp_path / "tfds"), **{"tta.shift_cells": 99})
   with pytest.raises(config_lib.ConfigError, match="tta.shift_cells"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not list((tmp_path / "run").glob("fold_*/checkpoints/*"))
+  assert not (tmp_path / "tfds").exists()  # refused before the phantom data set was built
 
 
 def test_tianchi_needs_an_existing_manual_dir(tmp_path):

@@ -389,13 +389,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   parallel.check_global_batch_size(config.batch_size, mesh)
   parallel.check_global_batch_size(config.eval_batch_size or config.batch_size, mesh, "eval_batch_size")
 
+  # The model first: the checks that need its stride refuse a config before any data set is opened or built.
+  model = setup.create_model(config, setup.fold_key(config, setup.fold_number(config, fold_ids[0])))
+  config_lib.check_against_model(config, model.stride)
   data = [setup.open_fold(config, k, workdir) for k in fold_ids]
   groups = [data] if config.parallel_folds and len(data) > 1 else [[d] for d in data]
   # One schedule table length and one step for every group: sequential folds compile their step once.
   schedule_length = max(setup.total_steps(config, max(setup.steps_per_epoch(config, len(d.train_source))
                                                       for d in group)) for group in groups)
-  model = setup.create_model(config, setup.fold_key(config, data[0].number))
-  config_lib.check_against_model(config, model.stride)
   num_params = complexity.count_params(model)
   train_graphdef, eval_graphdef, _ = setup.init_state(model, config.weight_decay)
   settings = setup.step_settings(config, model.stride)

@@ -77,7 +77,7 @@ def open_fold(config: ml_collections.ConfigDict, fold: int | None, workdir: str)
   counts = losses.label_counts(disease)
   pos_weight = losses.pos_weight_from_counts(counts)
   return FoldData(fold=rundir.FINAL_FOLD if fold is None else fold,
-                  number=config.num_folds if fold is None else fold, train_source=train_source,
+                  number=fold_number(config, fold), train_source=train_source,
                   val_source=val_source, label_counts=counts, pos_weight=pos_weight)
 
 
@@ -142,6 +142,11 @@ def initial_model(config: ml_collections.ConfigDict, key: jax.Array, report=prin
     nnx.update(model, restored["params"], restored["batch_stats"])
     report(f"model initialised from {ref.step_dir} (parameters and BatchNorm statistics)")
   return model
+
+
+def fold_number(config: ml_collections.ConfigDict, fold: int | None) -> int:
+  """The index of a fold's random streams: the fold itself, or `num_folds` for the run on every study (None)."""
+  return int(config.num_folds) if fold is None else int(fold)
 
 
 def fold_key(config: ml_collections.ConfigDict, fold: int) -> jax.Array:
