@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
+# Test processes (pytest-xdist); a file's tests share one worker so module fixtures are built once. 0 = in-process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test demo clean
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(BIN)/python run.py --config=configs/demo.py --workdir=$(WORKDIR)
