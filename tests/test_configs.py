@@ -15,7 +15,7 @@ from ccfnet_jax.data.augment import AugmentConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 NAMES = ("default", "r18", "r18_msc", "r50", "r50_msc", "demo", "tianchi_quick", "tianchi_reference", "tianchi_tuned",
-         "phantom_pretrain")
+         "tianchi_small", "phantom_pretrain")
 
 
 def load(name: str, arg: str | None = None):

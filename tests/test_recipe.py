@@ -70,6 +70,14 @@ def test_tuned_config_sets_exactly_its_levers():
   assert tuned.to_dict() == quick.to_dict()
 
 
+def test_small_config_is_tuned_with_a_warmed_up_larger_peak():
+  small, tuned = load("tianchi_small"), load("tianchi_tuned")
+  assert (small.learning_rate, small.warmup_steps, small.min_learning_rate) == (1e-3, 50, 5e-5)
+  assert (small.schedule, small.num_steps) == ("cosine", 3000)
+  small.learning_rate, small.warmup_steps = tuned.learning_rate, tuned.warmup_steps
+  assert small.to_dict() == tuned.to_dict()
+
+
 def test_train_step_keeps_the_moving_average_and_evaluation_uses_it():
   decay = 0.9
   config = tiny_training.tiny_config(learning_rate=3e-3, ema_decay=decay)

@@ -70,6 +70,22 @@ def test_warm_restart_schedule_follows_sgdr():
   assert float(one(50)) == pytest.approx((peak + floor) / 2, rel=1e-5)
 
 
+def test_warmup_then_one_cosine_spans_the_run():
+  peak, floor, warm, total = 1e-3, 5e-5, 50, 3000
+  schedule = schedules.create_schedule("cosine", peak_lr=peak, min_lr=floor, total_steps=total, steps_per_epoch=140,
+                                       warmup_steps=warm)
+
+  def expected(step):  # a line from 0 to the peak, then the cosine over the steps that are left
+    if step < warm:
+      return peak * step / warm
+    t = min(step - warm, total - warm) / (total - warm)
+    return floor + (peak - floor) * (1 + math.cos(math.pi * t)) / 2
+
+  for step in (0, 1, 25, 49, 50, 51, 1525, 2999, 3000, 3500):
+    assert float(schedule(step)) == pytest.approx(expected(step), rel=1e-5, abs=1e-12), step
+  assert float(schedule(0)) == 0.0 and float(schedule(total)) == pytest.approx(floor)
+
+
 def test_steps_per_epoch_is_ten_passes():
   config = tiny_training.tiny_config(batch_size=32)
   assert setup.steps_per_epoch(config, 112) == 35  # 10 * 112 / 32
