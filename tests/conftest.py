@@ -45,3 +45,15 @@ def tianchi_dir(shared_dir) -> pathlib.Path:
   path = shared_dir / "data" / "tianchi"
   require((path / "lumbar_train150_annotation.json").is_file(), "../shared/data/tianchi")
   return path
+
+
+def pytest_collection_modifyitems(items):
+  """Files with more `slow` tests first (stable otherwise): pytest-xdist hands files to the workers in collection
+  order, so the longest ones start at once instead of ending the run on one busy worker while the other idles."""
+  def file_of(item):
+    return item.nodeid.split("::")[0]
+
+  slow: dict[str, int] = {}
+  for item in items:
+    slow[file_of(item)] = slow.get(file_of(item), 0) + (item.get_closest_marker("slow") is not None)
+  items.sort(key=lambda item: -slow[file_of(item)])

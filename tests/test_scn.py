@@ -1,7 +1,7 @@
 """SCN: how its two networks combine, the 22-channel head, and training steps at stride 4.
 
 (Parameter counts, output shapes, stride, input checks and configs: tests/test_baselines.py; MACs:
-tests/test_complexity.py; training through run.py: tests/test_table_rows_train.py.)
+tests/test_complexity.py; training through run.py: tests/test_table_rows_hrnet_scn.py.)
 """
 
 from __future__ import annotations

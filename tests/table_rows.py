@@ -1,16 +1,19 @@
-"""Every Table 1 row's config trains two steps and evaluates through `run.py`, on a tiny phantom set at 128 px.
+"""Training every Table 1 row's config for two steps through `run.py`, on a tiny phantom set at 128 px.
 
-One `run.py` process per row (what a user runs, flags included), all reading one phantom dataset built once and
-sharing the test suite's persistent compilation cache. Nearly all of the cost is each model's initialisation and the
-compilation of its train and eval steps, so a row costs about the same at any image size or step count.
+One `run.py` process per row (what a user runs, flags included), all rows of a test file reading one phantom dataset
+built once and sharing the test suite's persistent compilation cache. Nearly all of the cost is each model's
+initialisation and the compilation of its train and eval steps, so a row costs about the same at any image size or
+step count. The rows are split over two test files so that two test workers can run them side by side.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -25,29 +28,31 @@ tracing and compiling its train step costs more than half of what the ten other 
 construction, shapes and parameter count are checked everywhere: tests/test_baselines.py)."""
 
 
+def params(keep: Callable[[complexity.Row], bool]) -> list:
+  """pytest params of the Table 1 rows that `keep` selects, named like 'CCF-Net-R18-MSC'."""
+  return [pytest.param(r, id=f"{r.method}-{r.backbone}", marks=_marks(r)) for r in complexity.ROWS if keep(r)]
+
+
 def _marks(row: complexity.Row) -> list:
   if row.method == "HRNet":
     return [pytest.mark.skipif(not ALL_ROWS, reason="HRNet-W32 trains through run.py in CI or with CCFNET_TEST_ALL_ROWS=1")]
   return []
 
 
-@pytest.fixture(scope="module")
-def row_data_dir(tmp_path_factory) -> str:
-  """A phantom `lumbar_spine` dataset built once for every row (the run.py processes only read it)."""
+def build_data(tmp_path_factory) -> str:
+  """A phantom `lumbar_spine` dataset for the rows of one file (the run.py processes only read it)."""
   import tfds_spine  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("tfds_rows"))
   tfds_spine.prepare("phantom", path, num_studies=PHANTOM_STUDIES, seed=0)
   return path
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("row", [pytest.param(r, id=f"{r.method}-{r.backbone}", marks=_marks(r))
-                                 for r in complexity.ROWS])
-def test_row_config_trains_through_run_py(row, row_data_dir, tmp_path):
+def check_row_trains(row: complexity.Row, data_dir: str, tmp_path: pathlib.Path) -> None:
+  """Runs the row's config for two steps and checks its model and its results file."""
   workdir = tmp_path / "run"
   args = [sys.executable, str(REPO / "run.py"), f"--config={REPO / row.config}", "--config.num_steps=2",
           "--config.image_size=128", "--config.batch_size=2", f"--config.phantom_studies={PHANTOM_STUDIES}",
-          f"--config.data_dir={row_data_dir}", "--config.flip_tta=False", "--config.num_data_threads=1",
+          f"--config.data_dir={data_dir}", "--config.flip_tta=False", "--config.num_data_threads=1",
           f"--workdir={workdir}"]
   done = subprocess.run(args, cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=900,
                         check=False)
