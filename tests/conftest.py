@@ -4,6 +4,7 @@ Eight fake CPU devices (for sharding tests) and jax's persistent compilation cac
 initialises its backends, so this happens at import time, before any test module imports jax.
 """
 
+import collections
 import os
 import pathlib
 
@@ -53,7 +54,5 @@ def pytest_collection_modifyitems(items):
   def file_of(item):
     return item.nodeid.split("::")[0]
 
-  slow: dict[str, int] = {}
-  for item in items:
-    slow[file_of(item)] = slow.get(file_of(item), 0) + (item.get_closest_marker("slow") is not None)
+  slow = collections.Counter(file_of(item) for item in items if item.get_closest_marker("slow"))
   items.sort(key=lambda item: -slow[file_of(item)])

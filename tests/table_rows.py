@@ -13,7 +13,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 
@@ -28,9 +27,18 @@ tracing and compiling its train step costs more than half of what the ten other 
 construction, shapes and parameter count are checked everywhere: tests/test_baselines.py)."""
 
 
-def params(keep: Callable[[complexity.Row], bool]) -> list:
-  """pytest params of the Table 1 rows that `keep` selects, named like 'CCF-Net-R18-MSC'."""
-  return [pytest.param(r, id=f"{r.method}-{r.backbone}", marks=_marks(r)) for r in complexity.ROWS if keep(r)]
+RESNET_METHODS = ("CCF-Net", "SimpleBaseline")
+"""The rows of tests/test_table_rows_resnet.py; tests/test_table_rows_hrnet_scn.py has every other row."""
+
+
+def params(resnet: bool) -> list:
+  """pytest params of the rows of `RESNET_METHODS` (or of all the others), named like 'CCF-Net-R18-MSC'.
+
+  HRNet-W32 comes first: the longest row of the suite, so it does not run alone at the end on one worker.
+  """
+  rows = sorted((r for r in complexity.ROWS if (r.method in RESNET_METHODS) == resnet),
+                key=lambda r: r.method != "HRNet")
+  return [pytest.param(r, id=f"{r.method}-{r.backbone}", marks=_marks(r)) for r in rows]
 
 
 def _marks(row: complexity.Row) -> list:

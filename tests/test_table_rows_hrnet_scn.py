@@ -14,8 +14,6 @@ def row_data_dir(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-# HRNet-W32 first: the longest row of the suite, so it does not run alone at the end on one worker.
-@pytest.mark.parametrize("row", sorted(table_rows.params(lambda r: r.method not in ("CCF-Net", "SimpleBaseline")),
-                                       key=lambda p: p.values[0].method != "HRNet"))
+@pytest.mark.parametrize("row", table_rows.params(resnet=False))
 def test_row_config_trains_through_run_py(row, row_data_dir, tmp_path):
   table_rows.check_row_trains(row, row_data_dir, tmp_path)

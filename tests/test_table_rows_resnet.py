@@ -14,6 +14,6 @@ def row_data_dir(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", table_rows.params(lambda r: r.method in ("CCF-Net", "SimpleBaseline")))
+@pytest.mark.parametrize("row", table_rows.params(resnet=True))
 def test_row_config_trains_through_run_py(row, row_data_dir, tmp_path):
   table_rows.check_row_trains(row, row_data_dir, tmp_path)
