@@ -5,8 +5,8 @@
 The budget and data of `tianchi_quick` (R18-MSC at 256 px, batch 8, 3000 steps, no ImageNet weights, kaiming
 backbone init, the reference augmentation), the levers of `tianchi_tuned` (disease BCE 0.01 over the target
 region, weight EMA 0.998 for evaluation and prediction, flip + shift TTA), and the schedule: a linear warm-up over
-the first 50 steps to 1e-3, then one cosine down to 5e-5 at step 3000. The larger peak is what the kaiming-scaled
-kernels under BatchNorm can take: the reference's 3e-4 leaves localisation still improving at the end.
+the first 50 steps to 1e-3, then one cosine down to 5e-5 at step 3000. The larger peak localises sooner: at 3e-4
+localisation is still improving at the end of this budget.
 Chosen on validation fold 1 (1000-step proxies), reported on fold 0 and over the four folds in docs/recipe.md.
 """
 
